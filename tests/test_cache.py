@@ -1,0 +1,287 @@
+"""The HDF5 cache: layout, resume, locking, crash safety (kill -9) and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import vtx_env
+from vtx import SCHEMA_VERSION, __version__
+from vtx.errors import CacheInUse, CacheMismatch
+from vtx.io import cache as cache_mod
+from vtx.io.cache import CacheWriter, video_key
+from vtx.io.synth import Shot, write_bad_inputs, write_video
+from vtx.pipeline import extract as extract_mod
+from vtx.pipeline.extract import ExtractConfig, extract
+from vtx.pipeline.shots import ShotConfig
+
+VTX = [sys.executable, "-m", "vtx.cli.main"]
+
+
+def run(videos, out, **kw) -> extract_mod.ExtractSummary:
+    kw.setdefault("progress", False)
+    kw.setdefault("device", "cpu")
+    return extract(ExtractConfig(videos=videos, out=out, **kw))
+
+
+def datasets(path) -> dict[str, np.ndarray]:
+    out = {}
+    with h5py.File(path) as f:
+        for key, g in f["videos"].items():
+            for name, d in g.items():
+                out[f"{key}/{name}"] = d[()]
+    return out
+
+
+@pytest.fixture(scope="module")
+def synth_cache(synth_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth_cache") / "feats.h5"
+    s = run(synth_dir, out, batch_size=4)
+    assert (s.done, s.failed) == (3, 0)
+    return out
+
+
+def test_layout(synth_cache, synth_dir):
+    truth = json.loads((synth_dir / "truth.json").read_text())
+    with h5py.File(synth_cache) as f:
+        assert f.attrs["vtx_version"] == __version__
+        assert f.attrs["schema_version"] == SCHEMA_VERSION
+        assert sorted(f["videos"]) == sorted(video_key(p) for p in truth)
+        assert "sub%2Fb.mp4" in f["videos"]
+        for rel, t in truth.items():
+            g = f["videos"][video_key(rel)]
+            assert g.attrs["path"] == rel
+            assert g.attrs["size_bytes"] == (synth_dir / rel).stat().st_size
+            assert g.attrs["n_frames"] == t["n_frames"]
+            assert (g.attrs["width"], g.attrs["height"]) == tuple(t["size"])
+            for attr in ("duration_s", "fps", "codec", "rotation", "has_audio", "decode_errors"):
+                assert attr in g.attrs
+            assert g["shots"][:, 0].tolist() == [0] + t["cut_frames"]
+            assert g["shots"].dtype == np.int64 and g["shot_times"].dtype == np.float64
+            for name in ("resnet18", "r2plus1d"):
+                d = g[name]
+                assert d.shape == (len(t["cut_frames"]) + 1, 512) and d.dtype == np.float16
+                assert d.chunks is not None
+                assert d.attrs["weights"] in ("ResNet18_Weights.IMAGENET1K_V1",
+                                              "R2Plus1D_18_Weights.KINETICS400_V1")
+                for attr in ("model", "weights_file", "dim", "sampling"):
+                    assert attr in d.attrs
+                assert np.isfinite(d[()]).all()
+    assert not Path(str(synth_cache) + ".parts").exists()
+    assert not Path(str(synth_cache) + ".lock").exists()
+
+
+def test_rerun_skips_finished_videos(synth_cache, synth_dir, tmp_path):
+    out = tmp_path / "feats.h5"
+    out.write_bytes(synth_cache.read_bytes())
+    before = datasets(out)
+    s = run(synth_dir, out)
+    assert (s.done, s.skipped, s.failed) == (0, 3, 0)
+    after = datasets(out)
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_added_feature_is_computed_alone_in_one_pass(synth_dir, tmp_path, monkeypatch):
+    out = tmp_path / "feats.h5"
+    run(synth_dir, out, features=("resnet18",), dtype="float32")
+    first = datasets(out)
+    assert not any(k.endswith("r2plus1d") for k in first)
+
+    opened, detectors, preps = [], [], []
+    real_reader, real_detector, real_decode = (extract_mod.VideoReader, extract_mod.ShotDetector,
+                                               extract_mod.decode_video)
+
+    def counting_reader(path, *a, **k):
+        opened.append(Path(path).name)
+        return real_reader(path, *a, **k)
+
+    def counting_detector(*a, **k):
+        detectors.append(1)
+        return real_detector(*a, **k)
+
+    def spy_decode(job, job_preps, *a, **k):
+        preps.append(sorted(job_preps))
+        return real_decode(job, job_preps, *a, **k)
+
+    monkeypatch.setattr(extract_mod, "VideoReader", counting_reader)
+    monkeypatch.setattr(extract_mod, "ShotDetector", counting_detector)
+    monkeypatch.setattr(extract_mod, "decode_video", spy_decode)
+    s = run(synth_dir, out, features=("resnet18", "r2plus1d"), dtype="float32")
+    assert s.done == 3
+    assert sorted(opened) == ["a.mp4", "b.mp4", "c.mp4"]  # one decode per video
+    assert detectors == []  # stored shots are reused, not re-detected
+    assert preps == [["r2plus1d"]] * 3  # only the missing feature is computed
+    second = datasets(out)
+    for k, v in first.items():
+        assert np.array_equal(second[k], v), k
+    assert sum(k.endswith("/r2plus1d") for k in second) == 3
+
+
+def test_changed_video_is_extracted_again(synth_dir, tmp_path):
+    videos = tmp_path / "v"
+    videos.mkdir()
+    write_video(videos / "x.mp4", [Shot(20, 0), Shot(20, 1)], size=(96, 64))
+    out = tmp_path / "feats.h5"
+    run(videos, out, features=("resnet18",))
+    write_video(videos / "x.mp4", [Shot(20, 0), Shot(20, 1), Shot(20, 2)], size=(96, 64))
+    s = run(videos, out, features=("resnet18",))
+    assert s.done == 1
+    with h5py.File(out) as f:
+        assert len(f["videos"]["x.mp4"]["shots"]) == 3
+
+
+def test_settings_mismatch_is_refused(synth_cache, synth_dir, tmp_path):
+    out = tmp_path / "feats.h5"
+    out.write_bytes(synth_cache.read_bytes())
+    with pytest.raises(CacheMismatch, match="--overwrite"):
+        run(synth_dir, out, shots=ShotConfig(detector="adaptive"))
+    with pytest.raises(CacheMismatch, match="random"):
+        run(synth_dir, out, weights="random")
+    s = run(synth_dir, out, weights="random", overwrite=True, features=("resnet18",))
+    assert s.done == 3
+    with h5py.File(out) as f:
+        assert all(g["resnet18"].attrs["weights"] == "random" for g in f["videos"].values())
+        assert all("r2plus1d" not in g for g in f["videos"].values())
+
+
+def test_second_writer_is_refused(tmp_path, synth_dir):
+    out = tmp_path / "feats.h5"
+    with CacheWriter(out):
+        with pytest.raises(CacheInUse, match="already in use"):
+            run(synth_dir, out)
+        r = subprocess.run(VTX + ["extract", "--videos", str(synth_dir), "--out", str(out),
+                                  "--no-progress"], env=vtx_env(), capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 4, r.stderr
+        assert "already in use" in r.stderr
+    with CacheWriter(out):  # released: a later writer gets in
+        pass
+
+
+def test_interrupted_merge_leaves_cache_intact(synth_cache, tmp_path, monkeypatch):
+    out = tmp_path / "feats.h5"
+    out.write_bytes(synth_cache.read_bytes())
+    before = datasets(out)
+    w = CacheWriter(out)
+    w.write_video("new.mp4", {"path": "new.mp4", "size_bytes": 1},
+                  {"shots": (np.array([[0, 5]]), {})}, replace=True)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt("killed during merge")
+
+    monkeypatch.setattr(cache_mod.os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        w.merge()
+    monkeypatch.undo()
+    w._lock_file.close()  # the process "died": its lock goes with it
+    after = datasets(out)
+    assert before.keys() == after.keys()  # the old file is untouched
+    with CacheWriter(out):  # the next run merges the finished shard
+        pass
+    with h5py.File(out) as f:
+        assert "new.mp4" in f["videos"] and len(f["videos"]) == 4
+
+
+def _wait_for(predicate, proc, timeout=120.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate() or proc.poll() is not None:
+            return
+        time.sleep(0.02)
+
+
+def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(5):
+        write_video(videos / f"v{i}.mp4", [Shot(16, i), Shot(16 + i, i + 3, (1, 0))],
+                    size=(96, 64), fps=25, seed=i)
+    args = ["extract", "--videos", str(videos), "--batch-size", "1", "--no-progress",
+            "--features", "resnet18,r2plus1d"]
+    ref = tmp_path / "ref.h5"
+    subprocess.run(VTX + args + ["--out", str(ref)], env=vtx_env(), check=True, timeout=300,
+                   capture_output=True)
+    out = tmp_path / "feats.h5"
+    parts = Path(str(out) + ".parts")
+    n_shards = lambda: len(list(parts.glob("*.h5"))) if parts.exists() else 0  # noqa: E731
+    kill_points = [
+        lambda: parts.exists(),  # writer opened, nothing finished yet
+        lambda: n_shards() >= 1,  # some videos finished
+        lambda: n_shards() >= 2,
+    ]
+    for when in kill_points:
+        proc = subprocess.Popen(VTX + args + ["--out", str(out)], env=vtx_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for(when, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if out.exists():  # never corrupt: it opens and every group in it is complete
+            with h5py.File(out) as f:
+                for g in f["videos"].values():
+                    assert {"shots", "resnet18", "r2plus1d"} <= set(g)
+    r = subprocess.run(VTX + args + ["--out", str(out), "--json"], env=vtx_env(), timeout=300,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["done"] + summary["skipped"] == 5 and summary["skipped"] >= 1
+    a, b = datasets(ref), datasets(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k].astype(float), b[k].astype(float), rtol=0, atol=1e-3)
+    assert not parts.exists()
+
+
+def test_bad_inputs_next_to_good_ones(tmp_path):
+    videos = tmp_path / "videos"
+    bad = write_bad_inputs(videos)
+    write_video(videos / "good.mp4", [Shot(20, 0, (1, 0)), Shot(20, 2)], size=(96, 64))
+    out = tmp_path / "feats.h5"
+    r = subprocess.run(VTX + ["extract", "--videos", str(videos), "--out", str(out),
+                              "--no-progress", "--json"],
+                       env=vtx_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3, r.stderr
+    failed = {"empty.mp4", "text.mp4", "truncated.mp4", "audio_only.mp4", "unreadable.mp4"}
+    assert failed <= set(bad)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("vtx: failed: ")]
+    assert sorted(ln.split(": ")[2] for ln in lines) == sorted(failed)
+    summary = json.loads(r.stdout)
+    assert summary["failed"] == 5 and summary["done"] == 2
+    with h5py.File(out) as f:
+        assert set(f["videos"]) == {"good.mp4", "corrupt_middle.mp4"}
+        assert set(f["failures"]) == failed
+        for name in failed:
+            assert f["failures"][name].attrs["path"] == name
+            assert f["failures"][name].attrs["reason"]
+        assert "no video stream" in f["failures"]["audio_only.mp4"].attrs["reason"]
+        assert "empty" in f["failures"]["empty.mp4"].attrs["reason"]
+        assert "symbolic link" in f["failures"]["unreadable.mp4"].attrs["reason"]
+        corrupt = f["videos"]["corrupt_middle.mp4"]
+        assert corrupt.attrs["decode_errors"] == 2  # two packets skipped, counted
+        assert corrupt.attrs["n_frames"] == 98
+        assert np.isfinite(corrupt["resnet18"][()]).all()
+    # Fixing a file and rerunning retries failures only, and clears their records.
+    (videos / "empty.mp4").unlink()
+    write_video(videos / "empty.mp4", [Shot(20, 1)], size=(96, 64))
+    s = run(videos, out)
+    assert (s.done, s.skipped, s.failed) == (1, 2, 4)
+    with h5py.File(out) as f:
+        assert "empty.mp4" in f["videos"] and "empty.mp4" not in f["failures"]
+
+
+def test_too_many_consecutive_decode_errors_fail_the_video(tmp_path, monkeypatch):
+    videos = tmp_path / "videos"
+    write_bad_inputs(videos)
+    monkeypatch.setattr("vtx.io.decode.MAX_CONSECUTIVE_ERRORS", 2)
+    s = run(videos / "corrupt_middle.mp4", tmp_path / "feats.h5")
+    assert s.failed == 1 and "consecutive packets failed" in s.failures[0][1]
+

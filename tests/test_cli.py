@@ -1,0 +1,93 @@
+"""The ``vtx`` command line: options, exit codes, summaries and the demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import h5py
+import pytest
+from click.testing import CliRunner
+
+from conftest import vtx_env
+from vtx.cli.main import cli
+
+VTX = [sys.executable, "-m", "vtx.cli.main"]
+
+
+def test_extract_help_documents_options_and_exit_codes():
+    r = CliRunner().invoke(cli, ["extract", "--help"])
+    assert r.exit_code == 0
+    for opt in ("--videos", "--out", "--features", "--device", "--detector", "--threshold",
+                "--min-shot-len", "--max-shot-len", "--weights", "--weights-dir", "--overwrite",
+                "--batch-size", "--workers", "--glob", "--dtype", "--json"):
+        assert opt in r.output, opt
+    for code in ("0  every video", "2  bad usage", "3  some videos failed", "4  the output"):
+        assert code in r.output
+
+
+@pytest.mark.parametrize("args,message", [
+    pytest.param(["--videos", "/nonexistent/dir"], "does not exist", id="missing-videos"),
+    pytest.param(["--features", "resnet18,nope"], "unknown feature", id="bad-feature"),
+    pytest.param(["--device", "cuda:0"], "CUDA", id="no-cuda"),
+    pytest.param(["--min-shot-len", "xyz"], "min-shot-len", id="bad-min-len"),
+    pytest.param(["--batch-size", "0"], "batch-size", id="bad-batch"),
+])
+def test_usage_errors_exit_2(synth_dir, tmp_path, args, message):
+    if "--device" in args:
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is available here")
+    base = {"--videos": str(synth_dir), "--out": str(tmp_path / "f.h5")}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    argv = ["extract", "--no-progress"] + [x for kv in base.items() for x in kv]
+    r = CliRunner().invoke(cli, argv)
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+
+
+def test_json_summary_and_glob(synth_dir, tmp_path):
+    out = tmp_path / "f.h5"
+    r = CliRunner().invoke(cli, ["extract", "--videos", str(synth_dir), "--out", str(out),
+                                 "--glob", "sub/**/*.mp4", "--features", "resnet18",
+                                 "--no-progress", "--json", "--max-shot-len", "0.4"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output.strip().splitlines()[-1])
+    assert (s["done"], s["skipped"], s["failed"]) == (1, 0, 0)
+    with h5py.File(out) as f:
+        assert list(f["videos"]) == ["sub%2Fb.mp4"]
+        shots = f["videos"]["sub%2Fb.mp4"]["shots"][()]
+        times = f["videos"]["sub%2Fb.mp4"]["shot_times"][()]
+    # 16 + 22 frames at 30 fps with --max-shot-len 0.4: each shot split into two equal halves.
+    assert shots.tolist() == [[0, 8], [8, 16], [16, 27], [27, 38]]
+    assert ((times[:, 1] - times[:, 0]) <= 0.4 + 1e-9).all()
+    assert s["shots"] == 4 and s["video_seconds"] > 0 and s["throughput"] > 0
+    r = CliRunner().invoke(cli, ["extract", "--videos", str(synth_dir), "--out", str(out),
+                                 "--glob", "sub/**/*.mp4", "--features", "resnet18",
+                                 "--no-progress", "--max-shot-len", "0.4"])
+    assert r.exit_code == 0 and "0 done, 1 skipped, 0 failed" in r.output
+
+
+def test_single_file_input(synth_dir, tmp_path):
+    out = tmp_path / "f.h5"
+    r = CliRunner().invoke(cli, ["extract", "--videos", str(synth_dir / "c.mp4"), "--out",
+                                 str(out), "--features", "resnet18", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    with h5py.File(out) as f:
+        assert list(f["videos"]) == ["c.mp4"] and f["videos"]["c.mp4"].attrs["path"] == "c.mp4"
+
+
+def test_demo_falls_back_to_random_weights_loudly(tmp_path):
+    env = vtx_env()
+    env["TORCH_HOME"] = str(tmp_path / "empty_torch_home")
+    r = subprocess.run(VTX + ["demo", "--out", str(tmp_path / "demo"), "--videos", "1",
+                              "--no-progress"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "FALLING BACK TO --weights random" in r.stderr
+    with h5py.File(tmp_path / "demo" / "feats.h5") as f:
+        g = f["videos"]["trailer_00.mp4"]
+        assert g["resnet18"].attrs["weights"] == "random"
+        assert len(g["shots"]) == 3

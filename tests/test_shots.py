@@ -1,0 +1,140 @@
+"""Shot segmentation: equal to PySceneDetect's own results, from vtx's single decode pass."""
+
+from __future__ import annotations
+
+import json
+
+
+import h5py
+import numpy as np
+import pytest
+import scenedetect
+from scenedetect import AdaptiveDetector, ContentDetector, HashDetector, HistogramDetector
+
+from conftest import golden, media_files
+from vtx.errors import UsageError
+from vtx.io.decode import VideoReader
+from vtx.io.synth import Shot, write_video
+from vtx.pipeline.shots import ShotBuffer, ShotConfig, ShotDetector, split_shot
+
+
+def detect_with_vtx(path, config=ShotConfig()):
+    """Cut indices and frame times from vtx's decode loop feeding the detector."""
+    cuts, times = [], []
+    with VideoReader(path) as r:
+        det = ShotDetector(config, (r.info.width, r.info.height), r.frame_rate)
+        for f in r.frames():
+            times.append(f.time)
+            cuts += det.push(f.index, f.pts, f.time_base, f.av_frame.to_ndarray(format="rgb24"))
+        cuts += det.finish()
+    return sorted(cuts), times
+
+
+def scenedetect_cut_times(path, detector):
+    scenes = scenedetect.detect(str(path), detector, backend="pyav")
+    return [s[0].seconds for s in scenes[1:]]
+
+
+@pytest.mark.parametrize("name", media_files())
+def test_media_cache_shots_equal_goldens(media_cache, name):
+    g = golden(name)
+    with h5py.File(media_cache) as f:
+        v = f["videos"][name]
+        shots, times = v["shots"][()], v["shot_times"][()]
+        assert v.attrs["n_frames"] == g["decoded_frames"]
+    assert shots.dtype == np.int64 and times.dtype == np.float64
+    # Contiguous shots covering every decoded frame.
+    assert shots[0, 0] == 0 and shots[-1, 1] == g["decoded_frames"]
+    assert (shots[1:, 0] == shots[:-1, 1]).all() and (shots[:, 1] > shots[:, 0]).all()
+    np.testing.assert_allclose(times[1:, 0], g["cut_times_s"], atol=1e-6)
+    np.testing.assert_allclose(times[:-1, 1], times[1:, 0])
+    assert len(shots) == len(g["cut_times_s"]) + 1  # no cut -> one shot covering all
+
+
+def test_vfr_cut_is_decode_index_not_nominal_frame(media_cache):
+    # goldeneye's cut at 3.75375 s is decode index 60, PySceneDetect's frame number 90.
+    with h5py.File(media_cache) as f:
+        shots = f["videos"]["goldeneye-vfr-drop3.mp4"]["shots"][()]
+    assert shots[1, 0] == 60
+
+
+@pytest.mark.parametrize("detector,cls", [
+    pytest.param("content", ContentDetector, id="content"),
+    pytest.param("adaptive", AdaptiveDetector, id="adaptive"),
+    pytest.param("hash", HashDetector, id="hash"),
+    pytest.param("histogram", HistogramDetector, id="histogram"),
+])
+def test_synthetic_cuts_equal_scenedetect(tmp_path, detector, cls):
+    truth = write_video(tmp_path / "v.mp4", [Shot(20, 0, (2, 0)), Shot(17, 3, (0, 1)),
+                                             Shot(25, 5, (1, 1)), Shot(16, 1)], size=(144, 80))
+    cuts, times = detect_with_vtx(tmp_path / "v.mp4", ShotConfig(detector=detector))
+    expected = scenedetect_cut_times(tmp_path / "v.mp4", cls())
+    assert [times[c] for c in cuts] == pytest.approx(expected, abs=1e-9)
+    if detector == "content":
+        assert cuts == truth["cut_frames"]
+
+
+def test_vfr_synthetic_equals_scenedetect(tmp_path):
+    drop = {5, 6, 30, 31, 32, 50}
+    truth = write_video(tmp_path / "vfr.mp4", [Shot(24, 0, (1, 0)), Shot(24, 2), Shot(20, 6)],
+                        size=(128, 72), fps=24, vfr_drop=drop)
+    cuts, times = detect_with_vtx(tmp_path / "vfr.mp4")
+    assert np.diff(times).max() > 1.5 * np.diff(times).min()  # really variable
+    assert cuts == truth["cut_frames"]
+    assert [times[c] for c in cuts] == pytest.approx(
+        scenedetect_cut_times(tmp_path / "vfr.mp4", ContentDetector()), abs=1e-9)
+
+
+def test_min_shot_len_in_seconds_and_threshold(tmp_path):
+    write_video(tmp_path / "v.mp4", [Shot(20, 0), Shot(12, 2), Shot(25, 4)], size=(128, 72),
+                fps=25)
+    cuts, times = detect_with_vtx(tmp_path / "v.mp4", ShotConfig(min_shot_len="1.0s"))
+    expected = scenedetect_cut_times(tmp_path / "v.mp4", ContentDetector(min_scene_len="1.0s"))
+    assert [times[c] for c in cuts] == pytest.approx(expected)
+    # A threshold above every cut score finds no cut at all.
+    assert detect_with_vtx(tmp_path / "v.mp4", ShotConfig(threshold=255.0))[0] == []
+
+
+def test_bad_shot_options_are_usage_errors():
+    with pytest.raises(UsageError, match="valid"):
+        ShotConfig(detector="nope")
+    with pytest.raises(UsageError, match="min-shot-len"):
+        ShotConfig(min_shot_len="abc")
+    with pytest.raises(UsageError, match="max-shot-len"):
+        ShotConfig(max_shot_len=0)
+
+
+@pytest.mark.parametrize("start,end,t0,t1,max_len,expected", [
+    pytest.param(0, 100, 0.0, 4.0, None, [(0, 100)], id="off"),
+    pytest.param(0, 100, 0.0, 4.0, 5.0, [(0, 100)], id="short-enough"),
+    pytest.param(0, 100, 0.0, 4.0, 2.0, [(0, 50), (50, 100)], id="two"),
+    pytest.param(10, 110, 1.0, 5.0, 1.5, [(10, 43), (43, 77), (77, 110)], id="three"),
+])
+def test_split_shot(start, end, t0, t1, max_len, expected):
+    assert split_shot(start, end, t0, t1, max_len) == expected
+
+
+def test_shot_buffer_exact_when_short_and_bounded_when_long():
+    buf = ShotBuffer(capacity=40, lookback=8)
+    for i in range(30):
+        buf.add(i, i / 10, {"x": np.full(1, i)})
+    targets = np.linspace(0, 29, 12).round().astype(int)
+    assert [buf.index[p] for p in buf.nearest(targets, 30)] == targets.tolist()
+    for i in range(30, 5000):
+        buf.add(i, i / 10, {"x": np.full(1, i)})
+        assert len(buf.index) <= 40
+    targets = np.linspace(0, 4999, 12).round().astype(int)
+    got = np.array([buf.index[p] for p in buf.nearest(targets, 5000)])
+    spacing = np.diff(buf.index[:-8]).max()
+    assert np.abs(got - targets).max() <= spacing // 2 + 1
+    assert buf.index[0] == 0  # the shot's first frame is always kept
+    buf.release(4990)
+    assert buf.index[0] >= 4990 and buf.time_of(4995) == pytest.approx(499.5)
+
+
+def test_shot_config_json_is_stable():
+    a = json.loads(ShotConfig().to_json())
+    assert a == {"detector": "content", "threshold": 27.0, "min_shot_len": "15",
+                 "max_shot_len": None}
+    assert ShotConfig(threshold=27.0).to_json() == ShotConfig().to_json()
+

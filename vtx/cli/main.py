@@ -1,0 +1,134 @@
+"""The ``vtx`` command line. Each command parses its options into a config dataclass and makes
+one library call, so everything here can also be done from Python."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from vtx import __version__
+from vtx.errors import VtxError
+
+EXIT_CODES = """\b
+Exit codes:
+  0  every video was extracted (or was already in the cache)
+  1  unexpected internal error
+  2  bad usage or setup: invalid options, missing weights, cache made
+     with other settings
+  3  some videos failed (each is listed on stderr and under /failures
+     in the cache); all others were extracted
+  4  the output cache is in use by another vtx process"""
+
+
+def _fail(e: VtxError) -> None:
+    click.echo(f"vtx: error: {e}", err=True)
+    sys.exit(e.exit_code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="vtx")
+def cli() -> None:
+    """vtx: long-video understanding. Stage 1 caches shot features (`vtx extract`); stage 2
+    trains small transformer heads over them."""
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.option("--videos", required=True, type=click.Path(path_type=Path),
+              help="Folder of videos (searched recursively) or a single video file.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="HDF5 cache to create or complete, e.g. feats.h5.")
+@click.option("--features", default="resnet18,r2plus1d", show_default=True,
+              help="Comma list of features: resnet18, r2plus1d.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (CUDA when available), cpu, cuda or cuda:N.")
+@click.option("--detector", default="content", show_default=True,
+              type=click.Choice(["content", "adaptive", "threshold", "histogram", "hash"]),
+              help="PySceneDetect detector used to cut shots.")
+@click.option("--threshold", type=float, default=None,
+              help="Detector threshold [default: the detector's own: content 27, adaptive 3, "
+                   "threshold 12, histogram 0.05, hash 0.395].")
+@click.option("--min-shot-len", default="15", show_default=True,
+              help="Minimum shot length: frames (15) or seconds (0.6s).")
+@click.option("--max-shot-len", type=float, default=None,
+              help="Split shots longer than this many seconds into equal parts [default: off].")
+@click.option("--weights", default="official", show_default=True,
+              type=click.Choice(["official", "random"]),
+              help="official: torchvision weights via the torch hub cache; random: seeded "
+                   "random init, marked as such in the cache.")
+@click.option("--weights-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder with the official weight files [default: $TORCH_HOME/hub/checkpoints].")
+@click.option("--overwrite", is_flag=True, help="Discard an existing cache and start afresh.")
+@click.option("--batch-size", type=int, default=16, show_default=True,
+              help="Shots per model batch (batches span videos).")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Videos decoded in parallel.")
+@click.option("--glob", "globs", multiple=True,
+              help="Recursive glob(s) relative to --videos, e.g. '**/*.mp4' (repeatable) "
+                   "[default: common video extensions].")
+@click.option("--dtype", default="float16", show_default=True,
+              type=click.Choice(["float16", "float32"]), help="Storage type of features.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Progress bars on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+def extract(videos, out, features, device, detector, threshold, min_shot_len, max_shot_len,
+            weights, weights_dir, overwrite, batch_size, workers, globs, dtype, progress,
+            as_json) -> None:
+    """Decode each video once, cut it into shots and cache per-shot features in HDF5.
+
+    Rerunning the same command resumes: finished videos are skipped, and only missing
+    features are computed. See docs/FORMAT.md for the cache layout.
+    """
+    from vtx.pipeline.extract import ExtractConfig, extract as run_extract
+    from vtx.pipeline.shots import ShotConfig
+
+    try:
+        config = ExtractConfig(
+            videos=videos, out=out,
+            features=tuple(f.strip() for f in features.split(",") if f.strip()),
+            device=device,
+            shots=ShotConfig(detector=detector, threshold=threshold, min_shot_len=min_shot_len,
+                             max_shot_len=max_shot_len),
+            weights=weights, weights_dir=weights_dir, overwrite=overwrite,
+            batch_size=batch_size, workers=workers, globs=tuple(globs), dtype=dtype,
+            progress=progress,
+        )
+        summary = run_extract(config)
+    except VtxError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(summary.to_dict()))
+    else:
+        click.echo(summary.line())
+    sys.exit(3 if summary.failed else 0)
+
+
+@cli.command()
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(path_type=Path),
+              help="Folder for the synthetic videos and the cache.")
+@click.option("--videos", "n_videos", default=4, show_default=True, help="How many videos.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def demo(out, n_videos, device, progress) -> None:
+    """Run the main job end to end on synthetic videos, offline.
+
+    Falls back to --weights random (and says so loudly) when official weights are unavailable.
+    """
+    from vtx.demo import DemoConfig, run_demo
+
+    try:
+        summary = run_demo(DemoConfig(out=out, n_videos=n_videos, device=device,
+                                      progress=progress))
+    except VtxError as e:
+        _fail(e)
+    sys.exit(3 if summary.failed else 0)
+
+
+def main() -> None:  # pragma: no cover
+    cli()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
