@@ -20,7 +20,10 @@ MEDIA = ROOT.parent / "shared" / "media"
 OFFICIAL_FILES = {
     "resnet18-f37072fd.pth": ("torchvision.models", "resnet18"),
     "r2plus1d_18-91a641e6.pth": ("torchvision.models.video", "r2plus1d_18"),
+    "vit_b_16-c867db91.pth": ("torchvision.models", "vit_b_16"),
+    "vggish-10086976.pth": ("vtx.pipeline.vggish", "VGGish"),
 }
+PCA_FILE = "vggish_pca_params-970ea276.pth"
 
 
 def write_official_weights(checkpoints: Path, names=None) -> None:
@@ -34,6 +37,12 @@ def write_official_weights(checkpoints: Path, names=None) -> None:
             torch.manual_seed(1234)
             model = getattr(importlib.import_module(module), builder)()
             torch.save(model.state_dict(), checkpoints / fname)
+    if (names is None or PCA_FILE in names) and not (checkpoints / PCA_FILE).exists():
+        # Published layout: eigenvectors (128, 128) and means (128, 1).
+        torch.manual_seed(1234)
+        eigen, _ = torch.linalg.qr(torch.randn(128, 128))
+        torch.save({"pca_eigen_vectors": eigen.numpy(), "pca_means": torch.randn(128, 1).numpy()},
+                   checkpoints / PCA_FILE)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -15,7 +15,7 @@ import h5py
 
 from vtx.errors import WeightsUnavailable
 from vtx.io.synth import Shot, write_video
-from vtx.pipeline.backbones import BACKBONES, _official_state_dict, get_spec
+from vtx.pipeline.backbones import BACKBONES, fetch_state_dict, get_spec
 from vtx.pipeline.extract import DEFAULT_FEATURES, ExtractConfig, ExtractSummary, extract
 
 
@@ -32,7 +32,7 @@ def official_weights_available(features=DEFAULT_FEATURES) -> bool:
     try:
         for name in features:
             spec = get_spec(name)
-            _official_state_dict(spec.weights_enum[spec.default_weights], None)
+            fetch_state_dict(spec.weights_enum[spec.default_weights].url)
     except WeightsUnavailable:
         return False
     return True

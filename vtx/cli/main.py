@@ -41,7 +41,8 @@ def cli() -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="HDF5 cache to create or complete, e.g. feats.h5.")
 @click.option("--features", default="resnet18,r2plus1d", show_default=True,
-              help="Comma list of features: resnet18, r2plus1d.")
+              help="Comma list of features: resnet18, r2plus1d (per shot); vit, vit_patches, "
+                   "motion, residual (per sampled frame); vggish (audio); or all.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (CUDA when available), cpu, cuda or cuda:N.")
 @click.option("--detector", default="content", show_default=True,
@@ -54,6 +55,22 @@ def cli() -> None:
               help="Minimum shot length: frames (15) or seconds (0.6s).")
 @click.option("--max-shot-len", type=float, default=None,
               help="Split shots longer than this many seconds into equal parts [default: off].")
+@click.option("--frame-rate", type=float, default=1.0, show_default=True,
+              help="Frame-level features: sample this many frames per second (by PTS).")
+@click.option("--frames-per-video", type=int, default=None,
+              help="Frame-level features: sample N frames uniformly over the whole video "
+                   "instead (VTN uses 250).")
+@click.option("--vit-weights", default="IMAGENET1K_V1", show_default=True,
+              help="Member of torchvision's ViT_B_16_Weights, e.g. IMAGENET1K_SWAG_E2E_V1.")
+@click.option("--vggish-pca", is_flag=True,
+              help="Apply VGGish's official PCA, whitening and 0..255 quantisation.")
+@click.option("--motion-grid", type=int, default=14, show_default=True,
+              help="Side of the grid motion fields are resized to.")
+@click.option("--residual-size", type=int, default=56, show_default=True,
+              help="Side of the stored motion-compensated residuals.")
+@click.option("--gop-normalise", is_flag=True,
+              help="For motion/residual: re-encode a temporary copy to MPEG-4 Part 2, GOP 12, "
+                   "no B-frames (as CoViAR and MM-ViT) before extracting.")
 @click.option("--weights", default="official", show_default=True,
               type=click.Choice(["official", "random"]),
               help="official: torchvision weights via the torch hub cache; random: seeded "
@@ -74,23 +91,26 @@ def cli() -> None:
               help="Progress bars on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def extract(videos, out, features, device, detector, threshold, min_shot_len, max_shot_len,
-            weights, weights_dir, overwrite, batch_size, workers, globs, dtype, progress,
-            as_json) -> None:
+            frame_rate, frames_per_video, vit_weights, vggish_pca, motion_grid, residual_size,
+            gop_normalise, weights, weights_dir, overwrite, batch_size, workers, globs, dtype,
+            progress, as_json) -> None:
     """Decode each video once, cut it into shots and cache per-shot features in HDF5.
 
     Rerunning the same command resumes: finished videos are skipped, and only missing
     features are computed. See docs/FORMAT.md for the cache layout.
     """
-    from vtx.pipeline.extract import ExtractConfig, extract as run_extract
+    from vtx.pipeline.extract import ExtractConfig, extract as run_extract, parse_features
+    from vtx.pipeline.sampling import FrameSampling
     from vtx.pipeline.shots import ShotConfig
 
     try:
         config = ExtractConfig(
-            videos=videos, out=out,
-            features=tuple(f.strip() for f in features.split(",") if f.strip()),
-            device=device,
+            videos=videos, out=out, features=parse_features(features), device=device,
             shots=ShotConfig(detector=detector, threshold=threshold, min_shot_len=min_shot_len,
                              max_shot_len=max_shot_len),
+            frames=FrameSampling(frame_rate=frame_rate, frames_per_video=frames_per_video),
+            vit_weights=vit_weights, vggish_pca=vggish_pca, motion_grid=motion_grid,
+            residual_size=residual_size, gop_normalise=gop_normalise,
             weights=weights, weights_dir=weights_dir, overwrite=overwrite,
             batch_size=batch_size, workers=workers, globs=tuple(globs), dtype=dtype,
             progress=progress,

@@ -1,0 +1,73 @@
+"""Stage-2 heads: small transformers (and baselines) over cached shot or frame tokens.
+
+One file per paper: ``stan.py`` (STAN, Fish et al. 2022, Section 3), ``vtn.py`` (VTN, Neimark et
+al. 2021, Section 3) and ``baselines.py`` (STAN's Table 1); shared layers live in ``blocks.py``.
+
+The head contract, the same for every head:
+
+* ``build_head(name, **config)`` builds ``HEADS[name].Config(**config)`` and returns
+  ``HEADS[name](config)``; the head keeps the config as ``head.config``, so a checkpoint needs
+  only the name and ``dataclasses.asdict(head.config)``.
+* ``head.features`` names the cache datasets it reads, ``head.inputs`` maps them to widths and
+  ``head.level`` is ``"shot"`` or ``"frame"``.
+* ``head(batch)`` takes ``{feature: float (B, L, D), "mask": bool (B, L)}``, all features aligned
+  on one token axis, True for real tokens (padding trailing, every row with a real token), and
+  returns logits ``(B, n_outputs)``. Padding never changes the logits.
+* ``head(batch, return_attention=True)`` returns ``(logits, attn)``, ``attn`` ``(B, L)``: how much
+  CLS attends to each token in the last layer, averaged over heads, 0 at padding, rows summing
+  to 1 over real tokens.
+* Losses are not part of a head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from torch import nn
+
+from .baselines import LstmHead, MeanPool
+from .stan import Stan
+from .vtn import Vtn
+
+__all__ = ["HEADS", "build_head", "config_class"]
+
+HEADS: dict[str, type[nn.Module]] = {
+    "lstm": LstmHead,
+    "meanpool": MeanPool,
+    "stan": Stan,
+    "vtn": Vtn,
+}
+
+
+def config_class(name: str) -> type:
+    """Return the config dataclass of head ``name``.
+
+    Raises:
+        ValueError: ``name`` is not in :data:`HEADS`; the message lists the valid names.
+    """
+    if name not in HEADS:
+        valid = ", ".join(repr(n) for n in sorted(HEADS))
+        raise ValueError(f"unknown head {name!r}; valid heads are {valid}")
+    return HEADS[name].Config
+
+
+def build_head(name: str, **config) -> nn.Module:
+    """Build head ``name`` from config keyword arguments.
+
+    Args:
+        name: A key of :data:`HEADS`.
+        **config: Fields of the head's ``Config``; ``n_outputs`` is required.
+
+    Returns:
+        The head, with its config dataclass as ``head.config``.
+
+    Raises:
+        ValueError: Unknown head name (the valid names are listed) or an invalid config value.
+        TypeError: Unknown config keys (named, with the valid ones) or ``n_outputs`` missing.
+    """
+    cfg_cls = config_class(name)
+    valid = [f.name for f in fields(cfg_cls)]
+    unknown = sorted(set(config) - set(valid))
+    if unknown:
+        raise TypeError(f"head {name!r} has no config key(s) {unknown}; valid keys are {valid}")
+    return HEADS[name](cfg_cls(**config))

@@ -47,7 +47,8 @@ class VideoRecord:
     key: str
     path: str
     size_bytes: int
-    features: set[str] = field(default_factory=set)
+    features: set[str] = field(default_factory=set)  # datasets with a ``model`` attr
+    datasets: set[str] = field(default_factory=set)  # every dataset
 
 
 def _fsync_file(path: Path) -> None:
@@ -65,10 +66,17 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+CHUNK_BYTES = 1 << 20
+
+
 def write_dataset(group: h5py.Group, name: str, data: np.ndarray, attrs: dict | None = None,
-                  chunk_rows: int = 1024) -> h5py.Dataset:
-    """A chunked dataset (chunks of whole rows), empty ones included."""
+                  chunk_rows: int | None = None) -> h5py.Dataset:
+    """A chunked dataset of whole rows (about 1 MiB a chunk unless ``chunk_rows`` is given),
+    empty ones included."""
     data = np.asarray(data)
+    if chunk_rows is None and data.ndim:
+        row_bytes = max(1, data.dtype.itemsize * int(np.prod(data.shape[1:], dtype=np.int64)))
+        chunk_rows = max(1, min(1024, CHUNK_BYTES // row_bytes))
     rows = max(1, min(len(data), chunk_rows)) if data.ndim else None
     kwargs = {}
     if data.ndim:
@@ -157,7 +165,7 @@ class CacheWriter:
                 feats = {n for n, d in g.items() if "model" in d.attrs}
                 out[key] = VideoRecord(key=key, path=str(g.attrs.get("path", "")),
                                        size_bytes=int(g.attrs.get("size_bytes", -1)),
-                                       features=feats)
+                                       features=feats, datasets=set(g))
         return out
 
     def read_dataset(self, key: str, name: str) -> np.ndarray:
@@ -169,14 +177,14 @@ class CacheWriter:
         self._root.update(attrs)
 
     # ----------------------------------------------------------------- writing shards
-    def write_video(self, key: str, attrs: dict, datasets: dict[str, tuple[np.ndarray, dict]],
-                    replace: bool) -> None:
+    def write_video(self, key: str, attrs: dict, datasets: dict[str, tuple], replace: bool
+                    ) -> None:
         """Persist one finished video atomically.
 
         Args:
             key: the group name under ``/videos``.
             attrs: the video group's attrs.
-            datasets: name -> (array, attrs).
+            datasets: name -> (array, attrs) or (array, attrs, rows per chunk).
             replace: drop what the cache holds for this video first (the file changed);
                 otherwise the datasets are added to the existing group.
         """
@@ -184,8 +192,8 @@ class CacheWriter:
             g = f.create_group("video")
             for k, v in attrs.items():
                 g.attrs[k] = v
-            for name, (data, dattrs) in datasets.items():
-                write_dataset(g, name, data, dattrs)
+            for name, (data, dattrs, *rows) in datasets.items():
+                write_dataset(g, name, data, dattrs, rows[0] if rows else None)
         self._write_shard("video", key, replace, fill)
 
     def write_failure(self, key: str, path: str, reason: str) -> None:

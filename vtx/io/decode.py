@@ -15,7 +15,7 @@ import os
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import av
 import numpy as np
@@ -125,9 +125,11 @@ class VideoReader:
             n_frames_expected=int(self.stream.frames or 0),
         )
         self.decode_errors = 0
+        self.audio_decode_errors = 0
         self.corrupt_frames = 0
         self._start_time = self.stream.start_time or 0
         self._stream_tb = Fraction(self.stream.time_base) if self.stream.time_base else None
+        self.expected_duration = self._expected_duration()
 
     def __enter__(self) -> "VideoReader":
         return self
@@ -138,12 +140,32 @@ class VideoReader:
     def close(self) -> None:
         self._container.close()
 
-    def frames(self) -> Iterator[Frame]:
-        """Decode the whole video stream once. Updates ``info`` (rotation, n_frames, duration)."""
+    @property
+    def start_time(self) -> float:
+        """The video stream's start time in seconds (frame times are relative to it)."""
+        return float(self._start_time * self._stream_tb) if self._stream_tb else 0.0
+
+    def frames(self, on_audio: Callable[[av.AudioFrame | None], None] | None = None
+               ) -> Iterator[Frame]:
+        """Decode the whole video stream once. Updates ``info`` (rotation, n_frames, duration).
+
+        Args:
+            on_audio: when given, the first audio stream is demuxed in the same pass and each
+                decoded audio frame is passed to it (then ``None`` once at the end).
+        """
         index = 0
         consecutive = 0
         last_end = 0.0
-        for packet in self._container.demux(self.stream):
+        audio = self._container.streams.audio[0] if (on_audio and self.info.has_audio) else None
+        streams = (self.stream, audio) if audio is not None else (self.stream,)
+        for packet in self._container.demux(*streams):
+            if audio is not None and packet.stream is audio:
+                try:
+                    for aframe in packet.decode():
+                        on_audio(aframe)
+                except av.error.FFmpegError:
+                    self.audio_decode_errors += 1
+                continue
             try:
                 decoded = packet.decode()
             except (av.error.InvalidDataError, av.error.FFmpegError) as e:
@@ -177,10 +199,22 @@ class VideoReader:
                 last_end = max(last_end, time + dur)
                 yield Frame(index=index, time=time, pts=pts, time_base=tb, av_frame=av_frame)
                 index += 1
+        if on_audio is not None:
+            on_audio(None)
         self.info.n_frames = index
         self.info.duration_s = last_end
         if index == 0:
             raise DecodeError("no frame could be decoded from the video stream")
+
+    def _expected_duration(self) -> float:
+        """Duration the container declares, in seconds (0 when unknown)."""
+        if self.stream.duration and self._stream_tb:
+            return float(self.stream.duration * self._stream_tb)
+        if self._container.duration:
+            return self._container.duration / av.time_base
+        if self.info.n_frames_expected and self.info.fps:
+            return self.info.n_frames_expected / self.info.fps
+        return 0.0
 
     def _start_offset(self, frame_tb: Fraction) -> int:
         """Stream start time in the frame's time base (as PySceneDetect normalises PTS)."""

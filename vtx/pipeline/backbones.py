@@ -1,8 +1,12 @@
-"""Frozen torchvision backbones that turn sampled frames into shot features.
+"""Frozen backbones that turn sampled frames (or audio) into feature tokens.
 
-STAN (``stan.txt``, section 3) represents each shot by two tokens: a spatial one, ResNet18 on the
-shot's center frame, and a temporal one, R(2+1)D-18 on frames spread over the shot. Both are the
-512-d penultimate outputs of torchvision's models.
+* Shot level, STAN (``stan.txt``, section 3): a spatial token, ResNet18 on the shot's center
+  frame, and a temporal token, R(2+1)D-18 on 12 frames spread over the shot (512-d penultimate
+  outputs of torchvision's models).
+* Frame level, VTN / TimeSformer / MEViT (``vtn.txt``, ``timesformer.txt``, ``mevit.txt``):
+  ViT-B/16's CLS token after the final LayerNorm (768-d) and, opt-in, its 14x14 patch tokens.
+* Audio, MM-ViT (``mm-vit.txt``): VGGish embeddings of 0.96 s log-mel examples
+  (:mod:`vtx.pipeline.vggish`).
 
 Preprocessing is owned by torchvision: the resize and crop geometry, mean and std are read from
 ``weights.transforms()`` of the weight enum. For speed, frames are reduced to the model's input
@@ -28,58 +32,69 @@ from torchvision import models
 from torchvision.models import video as video_models
 
 from vtx.errors import UsageError, WeightsUnavailable
+from vtx.pipeline.vggish import VGGish
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """What a feature is: its model, weights enum, frames per token and sampling rule."""
+    """What a model is: builder, weights, input, sampling level and the datasets it writes."""
 
     name: str
     builder: Callable[..., nn.Module]
-    weights_enum: type
+    weights_enum: type | None  # torchvision enum; None for VGGish (published port)
     default_weights: str
     dim: int
-    clip_len: int  # frames per token: 1 for image models
+    clip_len: int  # frames per token: 1 for image models, 0 for audio
+    level: str  # "shot", "frame" or "audio"
     sampling: str  # human-readable rule, stored in the dataset attrs
 
 
 BACKBONES: dict[str, BackboneSpec] = {
     "resnet18": BackboneSpec(
-        name="resnet18",
-        builder=models.resnet18,
-        weights_enum=models.ResNet18_Weights,
-        default_weights="IMAGENET1K_V1",
-        dim=512,
-        clip_len=1,
+        name="resnet18", builder=models.resnet18, weights_enum=models.ResNet18_Weights,
+        default_weights="IMAGENET1K_V1", dim=512, clip_len=1, level="shot",
         sampling="shot center frame: start + (end - start) // 2",
     ),
     "r2plus1d": BackboneSpec(
-        name="r2plus1d",
-        builder=video_models.r2plus1d_18,
-        weights_enum=video_models.R2Plus1D_18_Weights,
-        default_weights="KINETICS400_V1",
-        dim=512,
-        clip_len=12,
+        name="r2plus1d", builder=video_models.r2plus1d_18,
+        weights_enum=video_models.R2Plus1D_18_Weights, default_weights="KINETICS400_V1",
+        dim=512, clip_len=12, level="shot",
         sampling="12 frames per shot at numpy.linspace(start, end - 1, 12).round()",
     ),
+    "vit": BackboneSpec(
+        name="vit", builder=models.vit_b_16, weights_enum=models.ViT_B_16_Weights,
+        default_weights="IMAGENET1K_V1", dim=768, clip_len=1, level="frame",
+        sampling="sampled frames (see frames / frame_times)",
+    ),
+    "vggish": BackboneSpec(
+        name="vggish", builder=VGGish, weights_enum=None, default_weights="vggish",
+        dim=128, clip_len=0, level="audio",
+        sampling="0.96 s log-mel examples of the 16 kHz mono audio (see vggish_times)",
+    ),
 }
+
+DERIVED = {"vit_patches": "vit"}
+"""Datasets computed by another feature's model: name -> model."""
 
 
 def get_spec(name: str) -> BackboneSpec:
     try:
-        return BACKBONES[name]
+        return BACKBONES[DERIVED.get(name, name)]
     except KeyError:
-        raise UsageError(
-            f"unknown feature {name!r}; valid features: {', '.join(sorted(BACKBONES))}"
-        ) from None
+        valid = sorted(set(BACKBONES) | set(DERIVED) | {"motion", "residual"})
+        raise UsageError(f"unknown feature {name!r}; valid features: {', '.join(valid)}, "
+                         f"or all") from None
+
+
+THUMBNAIL = "thumbnail"
+"""Pseudo-feature: a small picture of the shot's center frame (for ``vtx predict --explain``)."""
 
 
 def sample_indices(name: str, start: int, end: int) -> np.ndarray:
     """Decode-order frame indices a shot [start, end) contributes to feature ``name``."""
-    spec = get_spec(name)
-    if spec.clip_len == 1:
+    if name == THUMBNAIL or get_spec(name).clip_len == 1:
         return np.array([start + (end - start) // 2], dtype=np.int64)
-    return np.linspace(start, end - 1, spec.clip_len).round().astype(np.int64)
+    return np.linspace(start, end - 1, get_spec(name).clip_len).round().astype(np.int64)
 
 
 class FramePrep:
@@ -125,46 +140,92 @@ class FramePrep:
         return np.ascontiguousarray(small[top:top + ch, left:left + cw])
 
 
-class Backbone(nn.Module):
-    """A frozen feature extractor: uint8 frames in, penultimate features out."""
+class ThumbnailPrep:
+    """Reduces a frame to a thumbnail ``height`` pixels high, rotated for display."""
 
-    def __init__(self, spec: BackboneSpec, model: nn.Module, transforms: nn.Module,
-                 weights: str, weights_file: str):
+    def __init__(self, height: int = 96):
+        self.height = height
+
+    def __call__(self, rgb: np.ndarray, rotation: int = 0) -> np.ndarray:
+        k = int(round(rotation / 90.0)) % 4
+        h, w = rgb.shape[:2]
+        dh, dw = (w, h) if k % 2 else (h, w)
+        tw = max(1, round(dw * self.height / dh))
+        rh, rw = (tw, self.height) if k % 2 else (self.height, tw)
+        small = cv2.resize(rgb, (rw, rh), interpolation=cv2.INTER_AREA)
+        return np.ascontiguousarray(np.rot90(small, k=k)) if k else small
+
+
+class Backbone(nn.Module):
+    """A frozen feature extractor: uint8 frames (or log-mel examples) in, datasets out.
+
+    ``forward`` returns ``{dataset name: float32 (B, ...)}``: one dataset for most models;
+    ViT gives ``vit`` (CLS) and, when ``patches`` is set, ``vit_patches``.
+    """
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module, transforms: nn.Module | None,
+                 weights: str, weights_file: str, patches: bool = False,
+                 pca: nn.Module | None = None):
         super().__init__()
         self.spec = spec
         self.model = model
         self.weights = weights
         self.weights_file = weights_file
-        self.prep = FramePrep(transforms)
-        self.register_buffer("mean", torch.tensor(transforms.mean).view(1, 3, 1, 1, 1))
-        self.register_buffer("std", torch.tensor(transforms.std).view(1, 3, 1, 1, 1))
+        self.patches = patches
+        self.pca = pca
+        self.prep = FramePrep(transforms) if transforms is not None else None
+        mean = transforms.mean if transforms is not None else [0.0, 0.0, 0.0]
+        std = transforms.std if transforms is not None else [1.0, 1.0, 1.0]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1, 1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.spec.name, "vit_patches") if self.patches else (self.spec.name,)
 
     @torch.inference_mode()
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Args:
-            frames: uint8 (B, T, H, W, 3) with T = clip_len.
-
-        Returns:
-            float32 features (B, dim).
+            x: uint8 frames (B, T, H, W, 3), T = clip_len; for VGGish float (B, 96, 64).
         """
-        x = frames.permute(0, 4, 1, 2, 3).float().div_(255.0)  # (B, 3, T, H, W)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=x.device.type == "cuda"):
+            out = self._forward(x)
+        return {k: v.float() for k, v in out.items()}
+
+    def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.spec.level == "audio":
+            emb = self.model(x.float())
+            return {self.spec.name: self.pca(emb.float()) if self.pca is not None else emb}
+        x = x.permute(0, 4, 1, 2, 3).float().div_(255.0)  # (B, 3, T, H, W)
         x = (x - self.mean) / self.std
         if self.spec.clip_len == 1:
             x = x[:, :, 0]  # (B, 3, H, W)
-        if x.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.float16):
-                return self.model(x).float()
-        return self.model(x)
+        if self.spec.name != "vit":
+            return {self.spec.name: self.model(x)}
+        vit = self.model
+        tokens = vit._process_input(x)  # (B, N, D)
+        cls = vit.class_token.expand(tokens.shape[0], -1, -1)
+        tokens = vit.encoder(torch.cat([cls, tokens], dim=1))  # (B, 1 + N, D), after final LN
+        out = {"vit": tokens[:, 0]}
+        if self.patches:
+            out["vit_patches"] = tokens[:, 1:]
+        return out
 
-    def attrs(self) -> dict:
-        """Dataset attrs that identify how this feature was made."""
-        return {
-            "model": self.spec.builder.__name__,
-            "weights": self.weights,
-            "weights_file": self.weights_file,
-            "dim": self.spec.dim,
-            "sampling": self.spec.sampling,
-        }
+    def attrs(self, name: str | None = None) -> dict:
+        """Dataset attrs that identify how a dataset of this model was made."""
+        name = name or self.spec.name
+        d = {"model": self.spec.builder.__name__, "weights": self.weights,
+             "weights_file": self.weights_file, "dim": self.spec.dim,
+             "sampling": self.spec.sampling}
+        if name == "vit_patches":
+            d["layout"] = "(n_frames, n_patches, dim), patches in row-major grid order"
+        if self.pca is not None:
+            d["postprocess"] = "official PCA + whitening, clip [-2, 2], quantised 0..255"
+        return d
 
 
 def weights_filename(url: str) -> str:
@@ -175,46 +236,95 @@ def hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+def weights_identity(name: str, weights: str, variant: str | None = None) -> str:
+    """What the cache records as ``weights`` for feature ``name``."""
+    spec = get_spec(name)
+    if weights == "random":
+        return "random"
+    if spec.weights_enum is None:
+        return "torchvggish-v0.1"
+    return f"{spec.weights_enum.__name__}.{variant or spec.default_weights}"
+
+
 def load_backbone(name: str, weights: str = "official", weights_dir: str | Path | None = None,
-                  device: torch.device | str = "cpu", seed: int = 0) -> Backbone:
-    """Build a backbone with its classifier removed.
+                  device: torch.device | str = "cpu", seed: int = 0, variant: str | None = None,
+                  patches: bool = False, pca: bool = False) -> Backbone:
+    """Build a frozen backbone with its classifier removed.
 
     Args:
         name: a key of :data:`BACKBONES`.
-        weights: "official" (torchvision's enum, through the torch hub cache) or "random"
-            (seeded initialisation, for offline smoke tests).
-        weights_dir: directory holding the weight files; defaults to the torch hub cache
-            (``$TORCH_HOME/hub/checkpoints``).
+        weights: "official" (through the torch hub cache) or "random" (seeded initialisation,
+            for offline smoke tests; marked ``random`` in the cache).
+        weights_dir: folder holding the weight files [default: ``$TORCH_HOME/hub/checkpoints``].
         device: where the model runs.
         seed: seed of the random initialisation.
+        variant: another member of the weights enum (e.g. ``IMAGENET1K_SWAG_E2E_V1`` for ViT).
+        patches: ViT only: also return the patch tokens.
+        pca: VGGish only: apply the official PCA postprocessing.
     """
     spec = get_spec(name)
-    enum_member = spec.weights_enum[spec.default_weights]
-    if weights == "official":
-        state = _official_state_dict(enum_member, weights_dir)
-        model = spec.builder(weights=None)
-        model.load_state_dict(state)
-        weights_id = f"{spec.weights_enum.__name__}.{spec.default_weights}"
-        weights_file = weights_filename(enum_member.url)
-    elif weights == "random":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = spec.builder(weights=None)
-        weights_id, weights_file = "random", ""
-    else:
+    if weights not in ("official", "random"):
         raise UsageError(f"--weights must be 'official' or 'random', not {weights!r}")
-    model.fc = nn.Identity()
+    if spec.weights_enum is None:
+        return _load_vggish(spec, weights, weights_dir, device, seed, pca)
+    try:
+        member = spec.weights_enum[variant or spec.default_weights]
+    except KeyError:
+        valid = ", ".join(m.name for m in spec.weights_enum)
+        raise UsageError(f"{spec.weights_enum.__name__} has no {variant!r}; valid: {valid}") \
+            from None
+    kwargs = {}
+    if name == "vit":
+        kwargs["image_size"] = member.meta["min_size"][0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = spec.builder(weights=None, **kwargs)
+    if weights == "official":
+        model.load_state_dict(fetch_state_dict(member.url, weights_dir))
+        weights_file = weights_filename(member.url)
+    else:
+        weights_file = ""
+    if name == "vit":
+        model.heads = nn.Identity()
+    else:
+        model.fc = nn.Identity()
     model.eval().requires_grad_(False)
-    backbone = Backbone(spec, model, enum_member.transforms(), weights_id, weights_file)
+    backbone = Backbone(spec, model, member.transforms(), weights_identity(name, weights, variant),
+                        weights_file, patches=patches and name == "vit")
     return backbone.to(device)
 
 
-def _official_state_dict(enum_member, weights_dir) -> dict:
-    url = enum_member.url
+def _load_vggish(spec, weights, weights_dir, device, seed, pca) -> Backbone:
+    from vtx.pipeline import vggish
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = vggish.VGGish()
+        post = None
+        if pca:
+            q, _ = torch.linalg.qr(torch.randn(128, 128))
+            post = vggish.VGGishPCA(q, torch.zeros(128))
+    files = ""
+    if weights == "official":
+        model.load_state_dict(fetch_state_dict(vggish.VGGISH_URL, weights_dir))
+        files = weights_filename(vggish.VGGISH_URL)
+        if pca:
+            params = fetch_state_dict(vggish.PCA_URL, weights_dir)
+            post = vggish.VGGishPCA(params["pca_eigen_vectors"], params["pca_means"])
+            files += "," + weights_filename(vggish.PCA_URL)
+    model.eval().requires_grad_(False)
+    backbone = Backbone(spec, model, None, weights_identity("vggish", weights), files, pca=post)
+    return backbone.to(device)
+
+
+def fetch_state_dict(url: str, weights_dir: str | Path | None = None) -> dict:
+    """A state dict through the torch hub cache, exactly as torchvision's ``get_state_dict``:
+    ``<weights_dir or $TORCH_HOME/hub/checkpoints>/<file name of url>``, downloaded if missing."""
     fname = weights_filename(url)
     target_dir = Path(weights_dir) if weights_dir else hub_checkpoint_dir()
     try:
-        return enum_member.get_state_dict(progress=False, model_dir=str(target_dir))
+        return torch.hub.load_state_dict_from_url(url, model_dir=str(target_dir), progress=False,
+                                                  map_location="cpu")
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
         if (target_dir / fname).exists():
             raise

@@ -1,0 +1,105 @@
+"""What every stage-2 head shares: the feature table, batch checking and the CLS-attention summary.
+
+The head contract (see ``vtx/heads/__init__.py``) is the same for every paper's head, so the
+pieces that enforce it live here once: :class:`Head` reads and checks a batch, and
+:func:`cls_attention_to_tokens` turns per-head CLS attention into one weight per token.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["DEFAULT_FEATURE_DIMS", "LEVELS", "Head", "cls_attention_to_tokens", "uniform_attention"]
+
+#: Feature width of each stage-1 cache dataset, used as config defaults.
+DEFAULT_FEATURE_DIMS: dict[str, int] = {"resnet18": 512, "r2plus1d": 512, "vit": 768, "vggish": 128}
+
+#: Token axes a head can run on: one token per shot, or one per sampled frame.
+LEVELS = ("shot", "frame")
+
+
+class Head(nn.Module):
+    """Base class of the heads: the contract's properties and batch reading.
+
+    Subclasses set the class attribute ``Config`` (a dataclass), store their config as
+    ``self.config`` and implement :attr:`features`, :attr:`inputs` and :attr:`level`.
+    """
+
+    Config: ClassVar[type]
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """Cache dataset names this head reads, in a fixed order."""
+        return tuple(self.inputs)
+
+    @property
+    def inputs(self) -> dict[str, int]:
+        """Feature width of each cache dataset this head reads."""
+        raise NotImplementedError
+
+    @property
+    def level(self) -> str:
+        """Token axis: ``"shot"`` or ``"frame"``."""
+        raise NotImplementedError
+
+    def read_batch(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        """Check a batch against :attr:`inputs` and zero its padded tokens.
+
+        Zeroing padding means garbage there (even NaN or inf) cannot leak through a
+        ``0 * NaN`` in a later matrix product.
+
+        Args:
+            batch: ``{name: (B, L, D)}`` for each feature plus ``"mask"``: bool ``(B, L)``.
+
+        Returns:
+            ``({name: (B, L, D) with padding zeroed}, mask)``.
+
+        Raises:
+            ValueError: A feature or the mask is missing, or shapes disagree.
+        """
+        name = type(self).__name__
+        if "mask" not in batch:
+            raise ValueError(f"{name}: batch has no 'mask'; add a bool (B, L) tensor, True for real tokens")
+        mask = batch["mask"]
+        if mask.dtype != torch.bool or mask.dim() != 2:
+            raise ValueError(
+                f"{name}: batch['mask'] must be a bool (B, L) tensor, got {mask.dtype} {tuple(mask.shape)}"
+            )
+        feats = {}
+        for key, dim in self.inputs.items():
+            if key not in batch:
+                raise ValueError(
+                    f"{name} reads {list(self.inputs)} but the batch has no {key!r} "
+                    f"(it has {sorted(batch)}); extract that feature in stage 1 or change the head config"
+                )
+            x = batch[key]
+            if x.dim() != 3 or x.shape[:2] != mask.shape or x.shape[2] != dim:
+                raise ValueError(
+                    f"{name}: batch[{key!r}] has shape {tuple(x.shape)}, expected {(*mask.shape, dim)} "
+                    f"(mask (B, L) and the configured width {dim})"
+                )
+            feats[key] = x.masked_fill(~mask[..., None], 0.0)  # (B, L, D)
+        return feats, mask
+
+
+def cls_attention_to_tokens(cls_row: Tensor, mask: Tensor) -> Tensor:
+    """Average CLS attention over heads, drop CLS's weight on itself and renormalise.
+
+    Args:
+        cls_row: Attention probabilities from CLS ``(B, H, 1 + L)``, CLS key first.
+        mask: True for real tokens ``(B, L)``.
+
+    Returns:
+        ``(B, L)``: 0 at padding, each row summing to 1 over real tokens.
+    """
+    w = cls_row[:, :, 1:].mean(dim=1).masked_fill(~mask, 0.0)  # (B, L)
+    return w / w.sum(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+
+
+def uniform_attention(mask: Tensor) -> Tensor:
+    """Uniform weights over real tokens ``(B, L)``, for heads without attention."""
+    w = mask.float()
+    return w / w.sum(dim=1, keepdim=True)

@@ -1,0 +1,239 @@
+"""VTN: a Longformer over per-frame tokens, classifying from a global CLS token.
+
+Neimark, Bar, Zohar and Asselmann, "Video Transformer Network" (2021), Section 3:
+
+* Section 3.1: any 2D backbone gives one feature per frame; here that is a cached frame-level
+  dataset (``vit`` by default), linearly projected to ``d_model``.
+* Section 3.2: a [CLS] token is prepended and the sequence goes through a Longformer encoder
+  (Beltagy et al. 2020): every frame attends to the frames within ``window // 2`` positions on
+  each side and to CLS; CLS has global attention, i.e. attends to every token through separate
+  ``query_global / key_global / value_global`` projections. Layers are post-LN with GELU, as in
+  BERT. Positional embeddings are learned, fixed (sinusoidal) or none (Table 2b).
+* Section 3.3: the classification MLP is LayerNorm, Linear, GELU, Dropout, Linear on CLS.
+
+The sliding-window attention matches Hugging Face ``LongformerSelfAttention`` with CLS as the only
+global token (``window`` here is HF's ``attention_window``), but needs no padding to a multiple of
+the window, and its time and memory grow linearly with the number of frames: scores are only
+computed inside blocks of ``window // 2`` queries against their three neighbouring key blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Head, cls_attention_to_tokens
+from .blocks import LearnedPositionalEmbedding, Mlp, SinusoidalPositionalEmbedding, TransformerEncoder
+
+__all__ = ["SlidingWindowAttention", "Vtn", "VtnConfig"]
+
+POSITIONS = ("learned", "fixed", "none")
+
+
+class SlidingWindowAttention(nn.Module):
+    """Longformer self-attention with token 0 (CLS) as the one global token.
+
+    Token ``i >= 1`` attends to tokens ``j >= 1`` with ``|i - j| <= window // 2`` and to CLS,
+    with the ordinary ``query / key / value`` projections. CLS attends to every real token
+    (itself included) with ``query_global / key_global / value_global``. Parameter names follow
+    Hugging Face's ``LongformerSelfAttention``; ``out`` is its ``LongformerSelfOutput.dense``.
+
+    Args:
+        dim: Token width.
+        n_heads: Attention heads.
+        window: Full window, an even number >= 2 (HF's ``attention_window``).
+        attn_dropout: Dropout on attention probabilities.
+    """
+
+    def __init__(self, dim: int, n_heads: int, window: int, attn_dropout: float = 0.0):
+        super().__init__()
+        if window < 2 or window % 2:
+            raise ValueError(f"window must be an even number >= 2 (window/2 tokens each side), got {window}")
+        if dim % n_heads:
+            raise ValueError(f"dim={dim} is not divisible by n_heads={n_heads}")
+        self.n_heads, self.head_dim, self.half = n_heads, dim // n_heads, window // 2
+        self.attn_dropout = attn_dropout
+        self.query, self.key, self.value = (nn.Linear(dim, dim) for _ in range(3))
+        self.query_global, self.key_global, self.value_global = (nn.Linear(dim, dim) for _ in range(3))
+        self.out = nn.Linear(dim, dim)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        return x.view(B, N, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, return_attention: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attend.
+
+        Args:
+            x: Tokens ``(B, 1 + L, D)``, CLS first.
+            mask: True for real tokens ``(B, 1 + L)``; CLS must be real.
+            return_attention: Also return CLS's attention probabilities.
+
+        Returns:
+            ``(out, weights)``: ``out`` ``(B, 1 + L, D)``; ``weights`` ``(B, H, 1 + L)`` (CLS's
+            global attention, before dropout, CLS key first) or None.
+        """
+        B, N, D = x.shape
+        L, h, H, Dh = N - 1, self.half, self.n_heads, self.head_dim
+        if mask is None:
+            mask = x.new_ones(B, N, dtype=torch.bool)
+        scale = 1.0 / math.sqrt(Dh)
+        p_drop = self.attn_dropout if self.training else 0.0
+
+        # Local part: frames attend to their window and to CLS.
+        q = self._heads(self.query(x)) * scale  # (B, H, N, Dh)
+        k = self._heads(self.key(x))
+        v = self._heads(self.value(x))
+        n_blk = -(-L // h)
+        tail = n_blk * h - L
+        q_blk = F.pad(q[:, :, 1:], (0, 0, 0, tail)).view(B, H, n_blk, h, Dh)  # (B, H, n, h, Dh)
+
+        def neighbours(t: Tensor) -> Tensor:
+            # (B, ..., L, C) -> (B, ..., n, 3h, C): for block c, frames of blocks c-1, c and c+1
+            t = F.pad(t, (0, 0, h, tail + h)).unflatten(-2, (n_blk + 2, h))  # (B, ..., n + 2, h, C)
+            return torch.cat([t[..., :-2, :, :], t[..., 1:-1, :, :], t[..., 2:, :, :]], dim=-2)
+
+        k_win, v_win = neighbours(k[:, :, 1:]), neighbours(v[:, :, 1:])  # (B, H, n, 3h, Dh)
+        key_real = neighbours(mask[:, 1:, None].float())[..., 0] > 0  # (B, n, 3h)
+        # query a of a block sees key k of its 3h neighbours iff their distance k - h - a is in [-h, h]
+        offset = torch.arange(3 * h, device=x.device)[None, :] - torch.arange(h, device=x.device)[:, None]
+        in_band = (offset >= 0) & (offset <= 2 * h)  # (h, 3h)
+        allowed = in_band & key_real[:, :, None, :]  # (B, n, h, 3h)
+
+        s_win = torch.einsum("bhnqd,bhnkd->bhnqk", q_blk, k_win)  # (B, H, n, h, 3h)
+        s_win = s_win.masked_fill(~allowed[:, None], float("-inf"))
+        s_cls = torch.einsum("bhnqd,bhd->bhnq", q_blk, k[:, :, 0])[..., None]  # (B, H, n, h, 1)
+        p = torch.cat([s_cls, s_win], dim=-1).softmax(dim=-1)  # (B, H, n, h, 1 + 3h)
+        p = F.dropout(p, p_drop, self.training)
+        o = p[..., :1] * v[:, :, 0, None, None, :] + torch.einsum("bhnqk,bhnkd->bhnqd", p[..., 1:], v_win)
+        o_frames = o.reshape(B, H, n_blk * h, Dh)[:, :, :L]  # (B, H, L, Dh)
+
+        # Global part: CLS attends to every real token.
+        q_g = self._heads(self.query_global(x[:, :1])) * scale  # (B, H, 1, Dh)
+        k_g = self._heads(self.key_global(x))  # (B, H, N, Dh)
+        v_g = self._heads(self.value_global(x))
+        s_g = q_g @ k_g.transpose(-2, -1)  # (B, H, 1, N)
+        s_g = s_g.masked_fill(~mask[:, None, None, :], float("-inf"))
+        p_g = s_g.softmax(dim=-1)
+        o_cls = F.dropout(p_g, p_drop, self.training) @ v_g  # (B, H, 1, Dh)
+
+        o = torch.cat([o_cls, o_frames], dim=2).transpose(1, 2).reshape(B, N, D)  # (B, N, H * Dh)
+        return self.out(o), (p_g[:, :, 0] if return_attention else None)
+
+
+@dataclass
+class VtnConfig:
+    """Configuration of :class:`Vtn`.
+
+    Attributes:
+        n_outputs: Number of logits (labels).
+        feature: Frame-level cache dataset to read.
+        feature_dim: Its width.
+        d_model: Encoder width (768 in the paper; smaller suits cached features).
+        n_heads: Attention heads per layer.
+        n_layers: Longformer layers (3 in the paper's default, Table 2a).
+        window: Sliding window, even; each frame sees ``window // 2`` frames on each side. Same
+            meaning as Hugging Face's ``attention_window``.
+        mlp_ratio: Feed-forward width as a multiple of ``d_model``.
+        pos: ``"learned"``, ``"fixed"`` (sinusoidal) or ``"none"``.
+        max_len: Longest frame sequence for ``pos="learned"`` (8192 covers 2 h 16 min at 1 fps).
+        dropout: Dropout on embeddings, residual branches and in the classifier.
+        attn_dropout: Dropout on attention probabilities.
+    """
+
+    n_outputs: int
+    feature: str = "vit"
+    feature_dim: int = 768
+    d_model: int = 256
+    n_heads: int = 4
+    n_layers: int = 3
+    window: int = 32
+    mlp_ratio: float = 4.0
+    pos: str = "learned"
+    max_len: int = 8192
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+
+    def __post_init__(self):
+        if self.n_outputs < 1:
+            raise ValueError(f"n_outputs must be >= 1, got {self.n_outputs}")
+        if self.pos not in POSITIONS:
+            raise ValueError(f"pos must be one of {POSITIONS}, got {self.pos!r}")
+        if self.window < 2 or self.window % 2:
+            raise ValueError(f"window must be an even number >= 2, got {self.window}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+
+
+class Vtn(Head):
+    """VTN head over frame tokens; see the module docstring for the architecture.
+
+    Only CLS leaves the last layer, so the last layer's sliding-window ``query``, ``key`` and
+    ``value`` projections never reach the logits and get no gradient (as in Hugging Face's
+    Longformer used for classification). They are kept so every layer is a full Longformer layer.
+
+    Args:
+        config: Head configuration.
+    """
+
+    Config = VtnConfig
+
+    def __init__(self, config: VtnConfig):
+        super().__init__()
+        self.config = cfg = config
+        d = cfg.d_model
+        self.proj = nn.Linear(cfg.feature_dim, d)
+        self.cls = nn.Parameter(torch.zeros(1, 1, d))
+        nn.init.trunc_normal_(self.cls, std=0.02)
+        if cfg.pos == "learned":
+            self.pos = LearnedPositionalEmbedding(cfg.max_len + 1, d)  # + 1 for CLS at position 0
+        elif cfg.pos == "fixed":
+            self.pos = SinusoidalPositionalEmbedding(d)
+        else:
+            self.pos = nn.Identity()
+        self.embed_norm = nn.LayerNorm(d)
+        self.embed_drop = nn.Dropout(cfg.dropout)
+        self.encoder = TransformerEncoder(
+            d, cfg.n_layers, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cfg.attn_dropout, norm_first=False,
+            attn_factory=lambda: SlidingWindowAttention(d, cfg.n_heads, cfg.window, cfg.attn_dropout),
+        )
+        self.head = nn.Sequential(nn.LayerNorm(d), Mlp(d, d, cfg.n_outputs, cfg.dropout))
+
+    @property
+    def inputs(self) -> dict[str, int]:
+        return {self.config.feature: self.config.feature_dim}
+
+    @property
+    def level(self) -> str:
+        return "frame"
+
+    def forward(self, batch: dict[str, Tensor], return_attention: bool = False):
+        """Classify a batch of frame sequences.
+
+        Args:
+            batch: ``{feature: (B, L, feature_dim), "mask": (B, L)}``.
+            return_attention: Also return CLS attention per frame.
+
+        Returns:
+            Logits ``(B, n_outputs)``; with ``return_attention``, ``(logits, attn)`` where
+            ``attn`` ``(B, L)`` is CLS's global attention in the last layer averaged over heads,
+            CLS's weight on itself dropped and each row renormalised to sum to 1 over real frames
+            (0 at padding).
+        """
+        feats, mask = self.read_batch(batch)
+        x = self.proj(feats[self.config.feature])  # (B, L, d)
+        B = x.shape[0]
+        x = torch.cat([self.cls.expand(B, -1, -1), x], dim=1)  # (B, 1 + L, d)
+        mask_cls = torch.cat([mask.new_ones(B, 1), mask], dim=1)  # (B, 1 + L)
+        x = self.embed_drop(self.embed_norm(self.pos(x)))
+        x, w = self.encoder(x, mask_cls, return_attention)  # w: (B, H, 1 + L)
+        logits = self.head(x[:, 0])
+        if not return_attention:
+            return logits
+        return logits, cls_attention_to_tokens(w, mask)
