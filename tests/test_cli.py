@@ -79,15 +79,29 @@ def test_single_file_input(synth_dir, tmp_path):
         assert list(f["videos"]) == ["c.mp4"] and f["videos"]["c.mp4"].attrs["path"] == "c.mp4"
 
 
-def test_demo_falls_back_to_random_weights_loudly(tmp_path):
+def test_demo_end_to_end_offline(tmp_path):
+    """The demo synthesises, extracts, trains STAN and meanpool, evaluates and explains; without
+    official weights it falls back to random ones and says so."""
     env = vtx_env()
     env["TORCH_HOME"] = str(tmp_path / "empty_torch_home")
-    r = subprocess.run(VTX + ["demo", "--out", str(tmp_path / "demo"), "--videos", "1",
-                              "--no-progress"], env=env, capture_output=True, text=True,
-                       timeout=300)
+    out = tmp_path / "demo"
+    r = subprocess.run(VTX + ["demo", "--out", str(out), "--videos", "24", "--epochs", "2",
+                              "--no-progress", "--json"], env=env, capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "FALLING BACK TO --weights random" in r.stderr
-    with h5py.File(tmp_path / "demo" / "feats.h5") as f:
-        g = f["videos"]["trailer_00.mp4"]
-        assert g["resnet18"].attrs["weights"] == "random"
-        assert len(g["shots"]) == 3
+    for step in ("1/5", "2/5", "3/5 train-head stan", "3/5 train-head meanpool", "4/5", "5/5"):
+        assert f"[demo] {step}" in r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["weights"] == "random" and result["order_label"] == "chase_before_crash"
+    assert set(result["order_ap"]) == {"stan", "meanpool"}
+    assert all(0.0 <= v <= 1.0 for v in result["order_ap"].values())
+    assert (out / "explain.png").stat().st_size > 1000
+    assert {x["label"] for x in result["prediction"]["labels"]} == {
+        "has_city", "fast_motion", "high_tone", "chase_before_crash"}
+    with h5py.File(out / "feats.h5") as f:
+        assert len(f["videos"]) == 25
+        assert all(g["resnet18"].attrs["weights"] == "random" for g in f["videos"].values())
+    for head in ("stan", "meanpool"):
+        assert (out / "runs" / head / "best.pt").exists()
+        assert (out / "runs" / head / "metrics.jsonl").read_text().count("\n") == 2

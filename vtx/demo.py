@@ -1,7 +1,13 @@
-"""``vtx demo``: the main job end to end on synthetic data, offline.
+"""``vtx demo``: the main job end to end on synthetic trailers, offline.
 
-Synthesises a few short multi-shot videos (distinct scenes, moving objects, tones), extracts them
-with the real stage-1 pipeline into an HDF5 cache, and prints what the cache holds.
+1. Synthesise a small labelled set of trailer-like videos (:mod:`vtx.train.demo_data`): shots of
+   distinct scenes, motion and sound, with labels that depend on which shots appear, on their
+   motion, their sound, and on their *order* (``chase_before_crash``).
+2. ``vtx extract`` them into an HDF5 cache (the real stage-1 pipeline).
+3. ``vtx train-head`` STAN and the mean-pooling baseline, then ``vtx evaluate`` both on the test
+   split.
+4. ``vtx predict --explain`` on a held-out video.
+5. Print the comparison: the order label is where a temporal head must beat pooling.
 """
 
 from __future__ import annotations
@@ -14,17 +20,37 @@ from typing import Callable
 import h5py
 
 from vtx.errors import WeightsUnavailable
-from vtx.io.synth import Shot, write_video
 from vtx.pipeline.backbones import BACKBONES, fetch_state_dict, get_spec
-from vtx.pipeline.extract import DEFAULT_FEATURES, ExtractConfig, ExtractSummary, extract
+from vtx.pipeline.extract import DEFAULT_FEATURES, ExtractConfig, extract
+
+ORDER_LABEL = "chase_before_crash"
 
 
 @dataclass
 class DemoConfig:
     out: Path = Path("demo-out")
-    n_videos: int = 4
+    n_videos: int = 64
+    epochs: int = 40
     device: str = "auto"
     progress: bool = True
+    seed: int = 0
+
+
+@dataclass
+class DemoResult:
+    cache: Path
+    weights: str
+    metrics: dict  # head -> evaluate_run result
+    order_ap: dict  # head -> AP of the order-dependent label on the test split
+    explanation: Path | None
+    prediction: dict | None
+
+    def to_dict(self) -> dict:
+        return {"cache": str(self.cache), "weights": self.weights,
+                "order_label": ORDER_LABEL, "order_ap": self.order_ap,
+                "mAP_weighted": {h: m["mAP_weighted"] for h, m in self.metrics.items()},
+                "explanation": str(self.explanation) if self.explanation else None,
+                "prediction": self.prediction}
 
 
 def official_weights_available(features=DEFAULT_FEATURES) -> bool:
@@ -38,40 +64,76 @@ def official_weights_available(features=DEFAULT_FEATURES) -> bool:
     return True
 
 
-def make_videos(folder: Path, n_videos: int) -> list[Path]:
-    """Short 'trailers': 3-5 shots each of distinct scenes, motion and sound."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n_videos):
-        shots = [Shot(n_frames=20 + 5 * ((i + k) % 3), scene=(i + 3 * k) % 8,
-                      motion=((k % 3) - 1.0, (i % 2) * 1.0), tone_hz=220.0 * (1 + (i + k) % 4))
-                 for k in range(3 + i % 3)]
-        path = folder / f"trailer_{i:02d}.mp4"
-        if not path.exists():
-            write_video(path, shots, size=(192, 108), fps=25, audio=True, seed=i)
-        paths.append(path)
-    return paths
+def run_demo(config: DemoConfig, say: Callable[[str], None] | None = None) -> DemoResult:
+    from vtx.train.demo_data import HELD_OUT_PREFIX, LABELS, design_dataset, write_dataset
+    from vtx.train.evaluate import evaluate_run
+    from vtx.train.predict import PredictConfig, predict
+    from vtx.train.trainer import TrainConfig, train_head
 
-
-def run_demo(config: DemoConfig, say: Callable[[str], None] | None = None) -> ExtractSummary:
     say = say or (lambda msg: print(msg, file=sys.stderr))
-    videos = config.out / "videos"
-    make_videos(videos, config.n_videos)
-    say(f"[demo] synthesised {config.n_videos} multi-shot videos in {videos}")
+    out = Path(config.out)
+    videos_dir = out / "videos"
+    design = design_dataset(config.n_videos, seed=config.seed)
+    labels = write_dataset(videos_dir, design)
+    held_out = [v for v in design if v.name.startswith(HELD_OUT_PREFIX)]
+    say(f"[demo] 1/5 synthesised {len(design)} labelled trailers in {videos_dir} "
+        f"(labels: {', '.join(LABELS)}; {ORDER_LABEL} depends on shot order only)")
+
     weights = "official"
     if not official_weights_available():
         weights = "random"
-        say("[demo] " + "!" * 70)
+        say("[demo] " + "!" * 72)
         say("[demo] OFFICIAL WEIGHTS ARE NOT AVAILABLE (offline, not in the torch hub cache).")
-        say("[demo] FALLING BACK TO --weights random: the pipeline is real, the features are")
-        say("[demo] not meaningful, and the cache marks every dataset weights=random.")
-        say("[demo] " + "!" * 70)
-    out = config.out / "feats.h5"
-    summary = extract(ExtractConfig(videos=videos, out=out, weights=weights,
-                                    device=config.device, progress=config.progress))
-    say(f"[demo] extract: {summary.line()}")
-    say(describe_cache(out))
-    return summary
+        say("[demo] FALLING BACK TO --weights random: the pipeline is real, the features come")
+        say("[demo] from randomly initialised backbones, and the cache marks them weights=random.")
+        say("[demo] " + "!" * 72)
+    cache = out / "feats.h5"
+    summary = extract(ExtractConfig(videos=videos_dir, out=cache, weights=weights,
+                                    device=config.device, progress=config.progress,
+                                    seed=config.seed))
+    say(f"[demo] 2/5 extract: {summary.line()}")
+
+    metrics, order_ap = {}, {}
+    for head in ("stan", "meanpool"):
+        run_dir = out / "runs" / head
+        result = train_head(TrainConfig(head=head, features=cache, labels=labels, out=run_dir,
+                                        epochs=config.epochs, batch_size=8, lr=5e-4,
+                                        patience=config.epochs, device=config.device,
+                                        seed=config.seed, head_options={"dropout": 0.0}),
+                            log=lambda m: None)
+        say(f"[demo] 3/5 train-head {head}: {result.line()}")
+        m = evaluate_run(run_dir, cache, labels, split="test", device=config.device,
+                         log=lambda m: None)
+        metrics[head] = m
+        order_ap[head] = next(r["AP"] for r in m["per_class"] if r["class"] == ORDER_LABEL)
+    say(f"[demo] 4/5 evaluate on the test split ({metrics['stan']['n_videos']} videos)")
+
+    explanation, prediction = None, None
+    if held_out:
+        video = videos_dir / f"{held_out[0].name}.mp4"
+        explanation = out / "explain.png"
+        preds = predict(PredictConfig(videos=(video,), model=out / "runs" / "stan" / "best.pt",
+                                      device=config.device, explain=explanation))
+        prediction = preds[0].to_dict()
+        shown = ", ".join(f"{n} {p:.2f}" for n, p in preds[0].labels[:4])
+        say(f"[demo] 5/5 predict {video.name}: {shown} (true: "
+            f"{', '.join(held_out[0].labels)}); explanation -> {explanation}")
+
+    say("[demo] comparison on the test split (AP per label; mAP weighted by support):")
+    say(f"[demo]   {'label':<22}" + "".join(f"{h:>10}" for h in metrics))
+    for label in LABELS:
+        row = [next(r["AP"] for r in metrics[h]["per_class"] if r["class"] == label)
+               for h in metrics]
+        mark = "  <- order-dependent" if label == ORDER_LABEL else ""
+        say(f"[demo]   {label:<22}" + "".join(f"{v:>10.3f}" for v in row) + mark)
+    say(f"[demo]   {'mAP_weighted':<22}" +
+        "".join(f"{metrics[h]['mAP_weighted']:>10.3f}" for h in metrics))
+    verdict = "beats" if order_ap["stan"] > order_ap["meanpool"] else "does NOT beat"
+    say(f"[demo] STAN {verdict} mean pooling on {ORDER_LABEL}: AP {order_ap['stan']:.3f} vs "
+        f"{order_ap['meanpool']:.3f} (mean pooling cannot see shot order).")
+    if weights == "random":
+        say("[demo] (features from RANDOM weights; see the warning above)")
+    return DemoResult(cache, weights, metrics, order_ap, explanation, prediction)
 
 
 def describe_cache(path: Path) -> str:
@@ -82,3 +144,4 @@ def describe_cache(path: Path) -> str:
             lines.append(f"[demo]   {g.attrs['path']}: {g.attrs['n_frames']} frames, "
                          f"{g.attrs['duration_s']:.2f} s, {len(g['shots'])} shots; {feats}")
     return "\n".join(lines)
+

@@ -127,23 +127,72 @@ def extract(videos, out, features, device, detector, threshold, min_shot_len, ma
 
 @cli.command()
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(path_type=Path),
-              help="Folder for the synthetic videos and the cache.")
-@click.option("--videos", "n_videos", default=4, show_default=True, help="How many videos.")
+              help="Folder for the synthetic videos, the cache, the runs and the explanation.")
+@click.option("--videos", "n_videos", default=64, show_default=True,
+              help="Labelled videos to synthesise (at least 24), plus one held out.")
+@click.option("--epochs", default=40, show_default=True, help="Training epochs per head.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--seed", default=0, show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def demo(out, n_videos, device, progress) -> None:
-    """Run the main job end to end on synthetic videos, offline.
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+def demo(out, n_videos, epochs, device, seed, progress, as_json) -> None:
+    """Run the whole job end to end on synthetic trailers, offline: synthesise labelled videos,
+    extract, train STAN and mean pooling, evaluate both, and explain a held-out prediction.
 
     Falls back to --weights random (and says so loudly) when official weights are unavailable.
     """
     from vtx.demo import DemoConfig, run_demo
 
     try:
-        summary = run_demo(DemoConfig(out=out, n_videos=n_videos, device=device,
-                                      progress=progress))
+        result = run_demo(DemoConfig(out=out, n_videos=n_videos, epochs=epochs, device=device,
+                                     progress=progress, seed=seed))
     except VtxError as e:
         _fail(e)
-    sys.exit(3 if summary.failed else 0)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+
+
+@cli.command(epilog="""\b
+Exit codes:
+  0  every video got a prediction
+  1  unexpected internal error
+  2  bad usage: unreadable checkpoint, missing weights, ...
+  3  some videos could not be decoded (the others were predicted)""")
+@click.argument("videos", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", required=True, type=click.Path(path_type=Path),
+              help="A checkpoint written by vtx train-head (runs/NAME/best.pt).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--top-k", default=5, show_default=True, help="Labels to print per video.")
+@click.option("--explain", type=click.Path(path_type=Path), default=None,
+              help="Write a PNG: shot thumbnails with the CLS attention each received, and the "
+                   "top labels (one file per video when several are given).")
+@click.option("--weights-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder with the official backbone weights [default: torch hub cache].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per video.")
+def predict(videos, model, device, top_k, explain, weights_dir, as_json) -> None:
+    """Print the top labels of each VIDEO, extracting the features the model needs on the fly
+    (same stage-1 code, no cache file)."""
+    from vtx.train.predict import PredictConfig, format_predictions, predict as run_predict
+
+    try:
+        preds = run_predict(PredictConfig(videos=tuple(videos), model=model, device=device,
+                                          top_k=top_k, explain=explain,
+                                          weights_dir=weights_dir))
+    except VtxError as e:
+        _fail(e)
+    if as_json:
+        for p in preds:
+            click.echo(json.dumps(p.to_dict()))
+    else:
+        click.echo(format_predictions(preds))
+    for p in preds:
+        if p.error:
+            click.echo(f"vtx: failed: {p.video}: {p.error}", err=True)
+    sys.exit(3 if any(p.error for p in preds) else 0)
+
+
+from vtx.cli.train import train_head, evaluate  # noqa: E402
+cli.add_command(train_head); cli.add_command(evaluate)
 
 
 def main() -> None:  # pragma: no cover

@@ -30,6 +30,40 @@ class Head(nn.Module):
 
     Config: ClassVar[type]
 
+    # ------------------------------------------------------------ input standardisation
+    # Each input feature can be standardised per dimension with the mean and std of the
+    # training split (``vtx train-head`` sets them). They are buffers, so they travel in the
+    # checkpoint's state_dict; a head without them reads its inputs unchanged.
+    _NORM_MEAN, _NORM_STD = "_norm_mean__", "_norm_std__"
+
+    def set_input_stats(self, stats: dict[str, tuple[Tensor, Tensor]], eps: float = 1e-5) -> None:
+        """Standardise feature ``name`` as ``(x - mean) / (std + eps)`` from now on.
+
+        Args:
+            stats: ``{name: (mean (D,), std (D,))}`` for features this head reads.
+        """
+        for name, (mean, std) in stats.items():
+            if name not in self.inputs:
+                raise ValueError(f"{type(self).__name__} does not read {name!r}")
+            device = next(self.parameters()).device
+            self.register_buffer(self._NORM_MEAN + name,
+                                 torch.as_tensor(mean, dtype=torch.float32, device=device))
+            self.register_buffer(self._NORM_STD + name,
+                                 torch.as_tensor(std, dtype=torch.float32, device=device) + eps)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key, value in state_dict.items():  # recreate the standardisation buffers
+            for stem in (self._NORM_MEAN, self._NORM_STD):
+                if key.startswith(prefix + stem) and "." not in key[len(prefix):]:
+                    self.register_buffer(key[len(prefix):], torch.empty_like(value))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _standardise(self, name: str, x: Tensor) -> Tensor:
+        mean = getattr(self, self._NORM_MEAN + name, None)
+        if mean is None:
+            return x
+        return (x - mean) / getattr(self, self._NORM_STD + name)
+
     @property
     def features(self) -> tuple[str, ...]:
         """Cache dataset names this head reads, in a fixed order."""
@@ -81,6 +115,7 @@ class Head(nn.Module):
                     f"{name}: batch[{key!r}] has shape {tuple(x.shape)}, expected {(*mask.shape, dim)} "
                     f"(mask (B, L) and the configured width {dim})"
                 )
+            x = self._standardise(key, x.float())
             feats[key] = x.masked_fill(~mask[..., None], 0.0)  # (B, L, D)
         return feats, mask
 

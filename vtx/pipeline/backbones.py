@@ -313,7 +313,10 @@ def _load_vggish(spec, weights, weights_dir, device, seed, pca) -> Backbone:
             post = vggish.VGGishPCA(params["pca_eigen_vectors"], params["pca_means"])
             files += "," + weights_filename(vggish.PCA_URL)
     model.eval().requires_grad_(False)
-    backbone = Backbone(spec, model, None, weights_identity("vggish", weights), files, pca=post)
+    identity = weights_identity("vggish", weights)
+    if pca and weights == "official":
+        identity += "+pca"
+    backbone = Backbone(spec, model, None, identity, files, pca=post)
     return backbone.to(device)
 
 

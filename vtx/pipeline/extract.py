@@ -56,6 +56,7 @@ FEATURE_DATASETS = {
     "motion": ("motion", "motion_accumulated", "frame_types"), "residual": ("residual",),
 }
 FRAME_LEVEL = ("vit", "vit_patches", "motion", "residual")
+FRAME_THUMBNAIL = "frame_thumbnail"
 PICT_TYPES = {1: "I", 2: "P", 3: "B", 4: "S", 5: "I", 6: "P", 7: "B"}  # FFmpeg AVPictureType
 
 
@@ -332,6 +333,8 @@ def decode_video(job: _Job, preps: dict[str, Callable], shot_config: ShotConfig,
                 if want_residual:
                     direct["residual"] = motion_io.residual(rgb, previous_rgb, field_,
                                                             settings.residual_size)
+                if THUMBNAIL in preps:
+                    direct[FRAME_THUMBNAIL] = preps[THUMBNAIL](rgb, info.rotation)
                 if direct:
                     emit(_Direct(job.vid, index, direct))
                     counts["direct"] += 1
@@ -407,6 +410,7 @@ class VideoFeatures:
     features: dict[str, np.ndarray]  # dataset name -> float32 (n, ...)
     fixed: dict[str, np.ndarray] = field(default_factory=dict)
     thumbnails: list[np.ndarray] | None = None  # uint8 (h, w, 3) per shot
+    frame_thumbnails: list[np.ndarray] | None = None  # uint8 (h, w, 3) per sampled frame
 
 
 def extract_video(path: str | Path, backbones: dict[str, Backbone],
@@ -453,15 +457,17 @@ def extract_video(path: str | Path, backbones: dict[str, Backbone],
     n_shots, n_frames = len(done.fixed["shots"]), len(done.fixed.get("frames", []))
     out = {}
     for name in a.items:
-        if name == THUMBNAIL:
+        if name in (THUMBNAIL, FRAME_THUMBNAIL):
             continue
         n = n_shots if name in ("resnet18", "r2plus1d") else (
             done.counts.get("vggish", 0) if name == "vggish" else n_frames)
         out[name] = a.stacked(name, n, ()).astype(np.float32)
     thumbs = [a.items[THUMBNAIL][-1 - i] for i in range(n_shots)] if thumbnails else None
+    frame_thumbs = ([a.items[FRAME_THUMBNAIL][i] for i in range(n_frames)]
+                    if thumbnails and n_frames else None)
     return VideoFeatures(attrs=done.attrs, shots=done.fixed["shots"],
                          shot_times=done.fixed["shot_times"], features=out, fixed=done.fixed,
-                         thumbnails=thumbs)
+                         thumbnails=thumbs, frame_thumbnails=frame_thumbs)
 
 
 def _run_model(bb: Backbone, items: list[_Item], assembler_of) -> set[int]:
@@ -552,7 +558,7 @@ def _identities(features: tuple[str, ...], config: ExtractConfig) -> dict[str, s
         else:
             variant = config.vit_weights if f in ("vit", "vit_patches") else None
             out[f] = weights_identity(f, config.weights, variant)
-            if f == "vggish" and config.vggish_pca:
+            if f == "vggish" and config.vggish_pca and config.weights == "official":
                 out[f] += "+pca"
     return out
 
@@ -718,14 +724,14 @@ def _write(a: _Assembler, backbones: dict[str, Backbone], config: ExtractConfig,
             shape = (196, bb.spec.dim) if name == "vit_patches" else (bb.spec.dim,)
             arr = a.stacked(name, n, shape)
             store = np.float16 if name == "vit_patches" else dtype
-            attrs = {**bb.attrs(name), "dtype": np.dtype(store).name}
+            attrs = {**bb.attrs(name), "dtype": np.dtype(store).name, "level": bb.spec.level}
             datasets[name] = (arr.astype(store), attrs, 1 if name == "vit_patches" else None)
     if "vggish" in wanted:
         datasets["vggish_times"] = (fixed["vggish_times"].reshape(-1, 2).astype(np.float64),
                                     {"units": "seconds from the video stream start; each row "
                                               "is one 0.96 s example [start, end)"})
     motion_attrs = {"model": "codec", "weights": "codec", "weights_file": "",
-                    "sampling": config.frames.describe()}
+                    "sampling": config.frames.describe(), "level": "frame"}
     g = config.motion_grid
     if "motion" in wanted:
         for name in ("motion", "motion_accumulated"):

@@ -1,0 +1,356 @@
+"""How close is ``vtx extract`` to the cost of its two unavoidable parts, decode and models?
+
+Measured on one video, each part in this process, best of ``--repeats`` runs:
+
+decode
+    :class:`vtx.io.decode.VideoReader` with vtx's settings (thread_type AUTO), iterating every
+    frame and converting it with ``av_frame.to_ndarray(format="rgb24")``, the one conversion
+    every consumer needs. Includes opening the container and demuxing; nothing else.
+model
+    The same batches ``extract`` runs: as many shots as the extraction found, per feature, in
+    batches of ``--batch-size`` (the last one partial), random uint8 tensors of the model input
+    shape ``(B, T, H, W, 3)`` through the loaded backbones (normalisation included), outputs
+    copied back to host memory. Building the tensors is not timed; loading the models is not
+    included (see "model load").
+extract
+    ``vtx.pipeline.extract.extract`` in this process, with ``weights="random"``, one worker, no
+    progress bars, a fresh HDF5 file: its ``wall_s``. That includes loading the backbones; the
+    load time is recorded inside the same call (by wrapping ``load_backbone``) so the ratio is
+    reported both without it and with it (then added to the baseline as well). Where extract
+    has its internal ``_run_model``, the time the main thread spends in model batches is
+    recorded as well (the rest of ``wall_s`` is waiting for the decode thread, and overhead).
+producer (for diagnosis, not part of the ratio)
+    ``vtx.pipeline.extract.decode_video``, the per-video loop of the decode thread (decode, RGB
+    conversion, shot detection, the per-feature resize/crop, shot buffering), with the shots
+    thrown away: what the decode thread costs without the models running beside it.
+
+The figure of merit is ``extract / (decode + model)``, target <= 1.10 on CPU.
+
+Random weights have the architecture and compute of the official ones (the machine this was
+written on is offline); the features are meaningless but the timing is the same.
+
+Usage::
+
+    python bench/extract_speed.py                  # generated ~1-minute 640x360 video
+    python bench/extract_speed.py ../shared/media/testvideo.mp4 --repeats 3 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ForeignCpu, best, machine_info, make_video, spread, verdict  # noqa: E402
+
+TARGET = 1.10
+
+
+def log(msg: str) -> None:
+    print(f"[extract_speed] {msg}", file=sys.stderr, flush=True)
+
+
+def time_decode(path: Path) -> tuple[float, int]:
+    """Seconds to decode every frame to an RGB ndarray, and the frame count."""
+    from vtx.io.decode import VideoReader
+
+    t0 = time.perf_counter()
+    n = 0
+    with VideoReader(path) as reader:
+        for frame in reader.frames():
+            frame.av_frame.to_ndarray(format="rgb24")
+            n += 1
+    return time.perf_counter() - t0, n
+
+
+def time_producer(path: Path, backbones: dict) -> tuple[float, int, int]:
+    """Seconds of extract's per-video decode loop with its output discarded; (s, frames, shots).
+
+    Uses extract's internal ``decode_video``/``_Job``; only the message that ends the video is
+    looked at (its shot table), everything else is dropped.
+    """
+    from vtx.pipeline import extract as ex
+    from vtx.pipeline.shots import ShotConfig
+
+    preps = {name: bb.prep for name, bb in backbones.items()}
+    job = ex._Job(0, path, path.name, "bench", tuple(backbones), replace=True)
+    done: list = []
+
+    def emit(msg) -> None:
+        if isinstance(msg, ex._VideoDone):
+            done.append(msg)
+
+    t0 = time.perf_counter()
+    ex.decode_video(job, preps, ShotConfig(), emit)
+    seconds = time.perf_counter() - t0
+    msg = done[-1]
+    shots = msg.shots if hasattr(msg, "shots") else msg.fixed["shots"]
+    return seconds, int(msg.attrs["n_frames"]), len(shots)
+
+
+def model_batches(backbones: dict, n_shots: int, batch_size: int) -> dict:
+    """Per feature: the list of batch sizes extract runs for ``n_shots`` shots, and one random
+    uint8 input per distinct size (the compute does not depend on the values)."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, bb in backbones.items():
+        sizes = [min(batch_size, n_shots - i) for i in range(0, n_shots, batch_size)]
+        h, w = bb.prep.crop_size
+        inputs = {b: torch.from_numpy(rng.integers(0, 256, (b, bb.spec.clip_len, h, w, 3),
+                                                   dtype=np.uint8))
+                  for b in set(sizes)}
+        out[name] = (sizes, inputs)
+    return out
+
+
+def time_model(backbones: dict, batches: dict) -> dict[str, float]:
+    """Seconds per feature to run the batches through the backbones (host to host)."""
+    import torch
+
+    times = {}
+    for name, bb in backbones.items():
+        sizes, inputs = batches[name]
+        device = bb.mean.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for b in sizes:
+            out = bb(inputs[b].to(device, non_blocking=True))
+            for v in (out.values() if isinstance(out, dict) else [out]):
+                v.cpu().numpy()
+        times[name] = time.perf_counter() - t0
+    return times
+
+
+def time_extract(path: Path, out: Path, features: tuple[str, ...], device: str,
+                 batch_size: int, progress: bool) -> dict:
+    """One in-process ``extract``: wall time, model-load time inside it, shots."""
+    import vtx.pipeline.extract as ex
+
+    loads: list[float] = []
+    batches: list[float] = []
+    original = ex.load_backbone
+    original_batch = getattr(ex, "_run_model", None)  # internal; timed only where it exists
+
+    def timed_load(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            loads.append(time.perf_counter() - t0)
+
+    def timed_batch(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return original_batch(*args, **kwargs)
+        finally:
+            batches.append(time.perf_counter() - t0)
+
+    config = ex.ExtractConfig(videos=path, out=out, features=features, device=device,
+                              weights="random", batch_size=batch_size, workers=1,
+                              progress=progress, overwrite=True)
+    ex.load_backbone = timed_load
+    if original_batch is not None:
+        ex._run_model = timed_batch
+    try:
+        summary = ex.extract(config, log=log)
+    finally:
+        ex.load_backbone = original
+        if original_batch is not None:
+            ex._run_model = original_batch
+        out.unlink(missing_ok=True)
+    if summary.failed:
+        raise SystemExit(f"extract failed on {path}: {summary.failures}")
+    return {"wall_s": summary.wall_s, "load_s": sum(loads), "shots": summary.shots,
+            "video_seconds": summary.video_seconds,
+            "batches_s": sum(batches) if original_batch is not None else None}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("video", nargs="?", type=Path,
+                   help="video to measure [default: generate a synthetic one]")
+    p.add_argument("--seconds", type=float, default=60.0,
+                   help="length of the generated video [default: 60]")
+    p.add_argument("--size", default="640x360", help="WxH of the generated video")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="folder for the generated video and the HDF5 output; kept, and a "
+                        "video already there is reused [default: a temporary folder]")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--features", default="resnet18,r2plus1d")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs of each measurement; the best is reported [default: 2]")
+    p.add_argument("--progress", action="store_true",
+                   help="let extract draw its progress bars (the CLI default)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from vtx.pipeline.backbones import load_backbone, resolve_device
+
+    features = tuple(f.strip() for f in args.features.split(",") if f.strip())
+    device = resolve_device(args.device)
+    own_tmp = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="vtx-bench-")) if own_tmp else args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.video is None:
+            w, h = (int(v) for v in args.size.lower().split("x"))
+            video_desc = make_video(workdir / f"synthetic_{args.seconds:g}s_{w}x{h}.mp4",
+                                    args.seconds, (w, h), log=log)
+            video = Path(video_desc["path"])
+        else:
+            video = args.video
+            video_desc = {"path": str(video)}
+            if not video.is_file():
+                raise SystemExit(f"no such video: {video}")
+
+        t0 = time.perf_counter()
+        backbones = {f: load_backbone(f, "random", device=device) for f in features}
+        standalone_load_s = time.perf_counter() - t0
+
+        rec: dict[str, list] = {"decode": [], "producer": [], "model": [], "extract": [],
+                                "extract_load": [], "extract_batches": [], "loadavg": []}
+        foreign: dict[str, list] = {"decode": [], "producer": [], "model": [], "extract": []}
+        frames = shots = None
+        batches = None
+        for r in range(args.repeats):
+            rec["loadavg"].append(os.getloadavg()[0])
+            log(f"run {r + 1}/{args.repeats}: decode")
+            with ForeignCpu() as fc:
+                s, frames = time_decode(video)
+            rec["decode"].append(s)
+            foreign["decode"].append(fc.seconds)
+            log(f"run {r + 1}/{args.repeats}: producer (decode_video, models off)")
+            with ForeignCpu() as fc:
+                s, _, shots = time_producer(video, backbones)
+            rec["producer"].append(s)
+            foreign["producer"].append(fc.seconds)
+            if batches is None:
+                batches = model_batches(backbones, shots, args.batch_size)
+                for name, (sizes, inputs) in batches.items():  # warm up every input shape
+                    for b in inputs:
+                        backbones[name](inputs[b].to(device))
+            log(f"run {r + 1}/{args.repeats}: model ({shots} shots per feature)")
+            with ForeignCpu() as fc:
+                rec["model"].append(time_model(backbones, batches))
+            foreign["model"].append(fc.seconds)
+            log(f"run {r + 1}/{args.repeats}: extract")
+            with ForeignCpu() as fc:
+                e = time_extract(video, workdir / "bench_feats.h5", features, str(device),
+                                 args.batch_size, args.progress)
+            foreign["extract"].append(fc.seconds)
+            if e["shots"] != shots:
+                log(f"warning: extract found {e['shots']} shots, the producer {shots}")
+            rec["extract"].append(e["wall_s"])
+            rec["extract_load"].append(e["load_s"])
+            rec["extract_batches"].append(e["batches_s"])
+            video_seconds = e["video_seconds"]
+    finally:
+        if own_tmp:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    model_totals = [sum(m.values()) for m in rec["model"]]
+    decode_s = best(rec["decode"])
+    model_s = best(model_totals)
+    i_ext = min(range(len(rec["extract"])), key=lambda i: rec["extract"][i])
+    extract_s = rec["extract"][i_ext]
+    load_s = rec["extract_load"][i_ext]
+    ratio_no_load = (extract_s - load_s) / (decode_s + model_s)
+    ratio_with_load = extract_s / (decode_s + model_s + load_s)
+    per_feature = {f: best([m[f] for m in rec["model"]]) for f in features}
+    result = {
+        "benchmark": "extract_speed",
+        "video": video_desc,
+        "frames": frames,
+        "shots": shots,
+        "video_seconds": video_seconds,
+        "device": str(device),
+        "batch_size": args.batch_size,
+        "features": list(features),
+        "weights": "random",
+        "repeats": args.repeats,
+        "best_s": {
+            "decode": decode_s,
+            "model": model_s,
+            "model_per_feature": per_feature,
+            "extract": extract_s,
+            "extract_model_load": load_s,
+            "extract_minus_load": extract_s - load_s,
+            "extract_model_batches": rec["extract_batches"][i_ext],
+            "producer": best(rec["producer"]),
+            "standalone_model_load": standalone_load_s,
+        },
+        "runs_s": {"decode": rec["decode"], "model": model_totals,
+                   "extract": rec["extract"], "extract_model_load": rec["extract_load"],
+                   "extract_model_batches": rec["extract_batches"],
+                   "producer": rec["producer"]},
+        "loadavg_1min_before_run": rec["loadavg"],
+        "foreign_cpu_s": foreign,
+        "decode_fps": frames / decode_s,
+        "extract_throughput_video_s_per_s": video_seconds / extract_s,
+        "ratio_extract_over_decode_plus_model": ratio_no_load,
+        "ratio_with_model_load": ratio_with_load,
+        "target": TARGET,
+        "verdict": verdict(ratio_no_load, TARGET),
+        "machine": machine_info(video),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(summary(result, rec, model_totals))
+    return result
+
+
+def summary(r: dict, rec: dict, model_totals: list[float]) -> str:
+    b = r["best_s"]
+    per_feature = ", ".join(f"{k} {t:.2f}" for k, t in b["model_per_feature"].items())
+    rows = [
+        ("decode (PyAV + to_ndarray rgb24)", b["decode"], spread(rec["decode"]),
+         f"{r['decode_fps']:.0f} frames/s"),
+        ("model (load excluded)", b["model"], spread(model_totals), per_feature),
+        ("extract (in-process wall_s)", b["extract"], spread(rec["extract"]),
+         f"{r['extract_throughput_video_s_per_s']:.2f} video-s/s"),
+        ("  of which model load", b["extract_model_load"], "", ""),
+        ("  of which model batches", b["extract_model_batches"] or float("nan"), "",
+         "main thread inside the models"),
+        ("producer (decode_video, no models)", b["producer"], spread(rec["producer"]),
+         "diagnostic"),
+    ]
+    lines = [
+        f"video: {Path(r['video']['path']).name}  {r['frames']} frames, "
+        f"{r['video_seconds']:.1f} s, {r['shots']} shots | device {r['device']}, batch "
+        f"{r['batch_size']}, weights random, torch threads {r['torch_threads']}",
+        f"{'seconds, best of ' + str(r['repeats']):36s} {'best':>7s}   runs: best / median / worst",
+    ]
+    for name, value, runs, note in rows:
+        note = f"({note})" if note else ""
+        lines.append(f"  {name:34s} {value:7.2f}   {'  '.join(x for x in (runs, note) if x)}")
+    lines += [
+        f"extract / (decode + model), load excluded: "
+        f"{r['ratio_extract_over_decode_plus_model']:.3f}  target <= {r['target']:.2f}: "
+        f"{r['verdict']}",
+        f"extract / (decode + model + load):         {r['ratio_with_model_load']:.3f}",
+        f"load average before runs: {', '.join(f'{x:.2f}' for x in r['loadavg_1min_before_run'])}"
+        f"; CPU-s used by other processes during each run: " + "; ".join(
+            f"{k} " + ", ".join("?" if x is None else f"{x:.1f}" for x in v)
+            for k, v in r["foreign_cpu_s"].items()),
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

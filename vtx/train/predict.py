@@ -1,0 +1,214 @@
+"""``vtx predict``: labels for new videos from a trained head, without a cache file.
+
+The features a checkpoint's head needs are extracted with the same stage-1 code
+(:func:`vtx.pipeline.extract.extract_video`, one decode pass, the same shot settings and the same
+weights identity as the cache it was trained on). ``--explain`` draws the shots as thumbnails
+with the CLS attention each received (last layer, averaged over heads).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from vtx.errors import UsageError, VideoError
+from vtx.pipeline.backbones import load_backbone, resolve_device
+from vtx.pipeline.extract import FrameSettings, VideoFeatures, extract_video
+from vtx.pipeline.sampling import FrameSampling
+from vtx.pipeline.shots import ShotConfig
+
+
+@dataclass
+class PredictConfig:
+    videos: tuple[Path, ...]
+    model: Path
+    device: str = "auto"
+    top_k: int = 5
+    explain: Path | None = None
+    weights_dir: Path | None = None
+
+
+@dataclass
+class Prediction:
+    video: str
+    task: str
+    labels: list[tuple[str, float]] = field(default_factory=list)  # (label, probability)
+    value: float | None = None  # regression
+    attention: list[float] = field(default_factory=list)  # per shot
+    shot_times: list[list[float]] = field(default_factory=list)  # [start, end) s per token
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        d = {"video": self.video, "task": self.task}
+        if self.error:
+            d["error"] = self.error
+        elif self.task == "regression":
+            d["value"] = self.value
+        else:
+            d["labels"] = [{"label": n, "probability": round(p, 6)} for n, p in self.labels]
+        if self.attention:
+            d["attention"] = [round(a, 6) for a in self.attention]
+            d["token_times"] = self.shot_times
+        return d
+
+
+def _scores_to_labels(task: str, logits: torch.Tensor, vocab: list[str], top_k: int):
+    if task == "multilabel":
+        probs = torch.sigmoid(logits)
+    else:
+        probs = torch.softmax(logits, dim=-1)
+    order = torch.argsort(probs, descending=True)[:top_k]
+    return [(vocab[i], float(probs[i])) for i in order.tolist()]
+
+
+def predict(config: PredictConfig) -> list[Prediction]:
+    """Predict every video; a video that cannot be decoded gets ``error`` set, not an exception."""
+    from vtx.train.checkpoint import load_checkpoint
+
+    head, ckpt = load_checkpoint(config.model)
+    device = resolve_device(config.device)
+    head = head.to(device).eval()
+    features = tuple(head.features)
+    backbones = {}
+    for name in features:
+        meta = ckpt["features"].get(name, {})
+        model = {"vit_patches": "vit"}.get(name, name)
+        if model not in ("resnet18", "r2plus1d", "vit", "vggish") or model in backbones:
+            continue  # motion / residual come from the codec, no model
+        weights = "random" if meta.get("weights") == "random" else "official"
+        variant = None
+        if model == "vit" and "." in str(meta.get("weights", "")):
+            variant = str(meta["weights"]).split(".", 1)[1]
+        backbones[model] = load_backbone(model, weights, config.weights_dir, device,
+                                         variant=variant, patches=name == "vit_patches",
+                                         pca=str(meta.get("weights", "")).endswith("+pca"))
+    shot_json, frame_json = ckpt.get("shot_config"), ckpt.get("frame_config")
+    shot_config = ShotConfig(**json.loads(shot_json)) if shot_json else ShotConfig()
+    settings = FrameSettings(FrameSampling(**json.loads(frame_json)) if frame_json
+                             else FrameSampling())
+    out = []
+    for video in config.videos:
+        try:
+            feats = extract_video(video, backbones, shot_config, settings=settings,
+                                  thumbnails=config.explain is not None, features=features)
+        except VideoError as e:
+            out.append(Prediction(str(video), ckpt["task"], error=str(e)))
+            continue
+        pred = predict_features(head, ckpt, feats, config.top_k, device)
+        pred.video = str(video)
+        out.append(pred)
+        if config.explain is not None:
+            target = config.explain
+            if len(config.videos) > 1:
+                target = target.with_name(f"{target.stem}_{Path(video).stem}{target.suffix}")
+            render_explanation(target, pred, feats, head.level)
+    return out
+
+
+def head_tokens(head, feats: VideoFeatures, video: str = "") -> dict[str, np.ndarray]:
+    """The head's tokens of one video, aligned exactly as training aligns cache datasets
+    (``vtx.train.dataset._read_tokens``), from features extracted in memory."""
+    from collections import Counter
+
+    from vtx.train.dataset import _read_tokens
+
+    with h5py.File(io.BytesIO(), "w") as f:  # an in-memory group with the cache's layout
+        g = f.create_group("video")
+        for name, arr in feats.fixed.items():
+            g.create_dataset(name, data=arr)
+        for name, arr in feats.features.items():
+            ds = g.create_dataset(name, data=arr)
+            ds.attrs["dim"] = int(np.prod(arr.shape[1:])) if arr.ndim > 1 else 0
+        return _read_tokens(g, video, tuple(head.features), head.level, Counter())
+
+
+@torch.no_grad()
+def predict_features(head, ckpt: dict, feats: VideoFeatures, top_k: int,
+                     device: torch.device) -> Prediction:
+    tokens = head_tokens(head, feats)
+    n = len(next(iter(tokens.values())))
+    if n == 0:
+        raise UsageError("the video gave no tokens for this head")
+    batch = {name: torch.from_numpy(np.asarray(x, np.float32))[None].to(device)
+             for name, x in tokens.items()}
+    batch["mask"] = torch.ones(1, n, dtype=torch.bool, device=device)
+    logits, attn = head(batch, return_attention=True)
+    logits = logits[0].float().cpu()
+    if head.level == "frame":
+        t = feats.fixed["frame_times"]
+        ends = np.append(t[1:], feats.attrs.get("duration_s", t[-1]))
+        spans = np.stack([t, ends], axis=1).tolist()
+    else:
+        spans = feats.shot_times.tolist()
+    pred = Prediction(video="", task=ckpt["task"], attention=attn[0].float().cpu().tolist(),
+                      shot_times=spans)
+    if ckpt["task"] == "regression":
+        pred.value = float(logits[0])
+    else:
+        pred.labels = _scores_to_labels(ckpt["task"], logits, ckpt["vocab"], top_k)
+    return pred
+
+
+MAX_THUMBNAILS = 32
+
+
+def render_explanation(path: Path, pred: Prediction, feats: VideoFeatures,
+                       level: str = "shot") -> Path:
+    """A strip of shot (or frame) thumbnails, each with its CLS attention; the top labels as the
+    title. With more than 32 tokens, the 32 most attended are shown, in time order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    all_thumbs = (feats.frame_thumbnails if level == "frame" else feats.thumbnails) or []
+    keep = list(range(len(all_thumbs)))
+    if len(keep) > MAX_THUMBNAILS:
+        keep = sorted(np.argsort(pred.attention)[::-1][:MAX_THUMBNAILS].tolist())
+    thumbs = [all_thumbs[i] for i in keep]
+    n = len(thumbs)
+    cols = min(n, 8)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.0 * rows + 0.8), squeeze=False)
+    top = max(pred.attention) if pred.attention else 0.0
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        ax.imshow(thumbs[i])
+        a = pred.attention[keep[i]]
+        t0, t1 = pred.shot_times[keep[i]]
+        ax.set_title(f"{level} {keep[i]}: {t0:.1f}-{t1:.1f}s", fontsize=8)
+        ax.text(0.5, -0.08, f"attention {a:.3f}", transform=ax.transAxes, ha="center",
+                va="top", fontsize=9, fontweight="bold" if a == top else "normal",
+                color="crimson" if a == top else "black")
+    if pred.task == "regression":
+        title = f"{Path(pred.video).name}: value {pred.value:.3f}"
+    else:
+        title = f"{Path(pred.video).name}: " + ", ".join(f"{n} {p:.2f}" for n, p in pred.labels[:3])
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def format_predictions(preds: list[Prediction]) -> str:
+    lines = []
+    for p in preds:
+        if p.error:
+            lines.append(f"{p.video}: failed: {p.error}")
+        elif p.task == "regression":
+            lines.append(f"{p.video}: {p.value:.4f}")
+        else:
+            labels = ", ".join(f"{n} ({prob:.2f})" for n, prob in p.labels)
+            lines.append(f"{p.video}: {labels}")
+    return "\n".join(lines)
