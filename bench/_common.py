@@ -93,6 +93,7 @@ def machine_info(video: Path | None = None) -> dict:
     """CPU, cores, RAM, OS and library versions, for the report."""
     import av
     import cv2
+    import h5py
     import numpy
     import scenedetect
     import torch
@@ -103,6 +104,16 @@ def machine_info(video: Path | None = None) -> dict:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    isa = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+                       if f in flags]
                 break
     except OSError:
         pass
@@ -123,6 +134,7 @@ def machine_info(video: Path | None = None) -> dict:
     info = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu,
+        "cpu_isa": isa,
         "cores": os.cpu_count(),
         "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "ram_gib": ram_gib,
@@ -137,6 +149,7 @@ def machine_info(video: Path | None = None) -> dict:
         "libav": {k: ".".join(map(str, v)) for k, v in av.library_versions.items()},
         "opencv": cv2.__version__,
         "numpy": numpy.__version__,
+        "h5py": f"{h5py.__version__} (HDF5 {h5py.version.hdf5_version})",
         "scenedetect": scenedetect.__version__,
         "loadavg": os.getloadavg(),
     }

@@ -18,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from vtx.heads import HEADS, build_head, config_class
+from vtx.heads.base import input_shape
 from vtx.heads.blocks import (
     GluMlp,
     LearnedPositionalEmbedding,
@@ -38,6 +39,11 @@ BASE_TINY = dict(feature_dims=SMALL_DIMS, hidden=16, dropout=0.0)
 # The last VTN layer's sliding-window projections never reach the logits (documented in Vtn).
 VTN_UNUSED = tuple(f"encoder.layers.1.attn.{p}." for p in ("query", "key", "value"))
 
+# Space-time heads: 18 frames (>= the longest rows below) of a 2 x 2 patch grid.
+ST_TINY = dict(feature_dim=20, d_model=16, n_heads=2, depth=2, n_patches=4, n_frames=18)
+MM_TINY = dict(d_model=16, n_heads=2, depth=2, n_frames=18, n_patches=4, motion_grid=2,
+               residual_size=4, vit_dim=20, vggish_dim=12, mlp_ratio=2.0)
+
 CASES = [
     pytest.param("stan", dict(STAN_TINY), (), id="stan-sum"),
     pytest.param("stan", dict(STAN_TINY, fusion="gated"), (), id="stan-gated"),
@@ -54,6 +60,13 @@ CASES = [
     pytest.param("lstm", dict(BASE_TINY), (), id="lstm-bi"),
     pytest.param("lstm", dict(BASE_TINY, bidirectional=False, n_layers=2), (), id="lstm-uni-2layer"),
     pytest.param("lstm", dict(BASE_TINY, features=("vit", "vggish"), level="frame"), (), id="lstm-frame"),
+    pytest.param("timesformer", dict(ST_TINY), (), id="timesformer-divided"),
+    pytest.param("timesformer", dict(ST_TINY, attention="joint"), (), id="timesformer-joint"),
+    pytest.param("mevit", dict(ST_TINY), (), id="mevit-M2"),
+    pytest.param("mmvit", dict(MM_TINY), (), id="mmvit-3-merged"),
+    pytest.param("mmvit", dict(MM_TINY, variant=1), (), id="mmvit-1"),
+    pytest.param("mmvit", dict(MM_TINY, variant=4, cross="co"), ("layers.1.conv_space.",),
+                 id="mmvit-4-co"),
 ]
 N_OUT = 5
 LENGTHS = (11, 7, 1)  # includes a one-token row
@@ -63,14 +76,26 @@ def make_batch(head, lengths=LENGTHS, L=None, seed=0):
     """Random features for ``head`` with trailing padding holding random values."""
     g = torch.Generator().manual_seed(seed)
     L = L or max(lengths)
-    batch = {k: torch.randn(len(lengths), L, d, generator=g) for k, d in head.inputs.items()}
+    batch = {k: torch.randn(len(lengths), L, *input_shape(d), generator=g)
+             for k, d in head.inputs.items()}
     batch["mask"] = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
     return batch
 
 
+ZERO_INIT = ("temporal_fc", "pos_time", "fc_time", "fc_cross")
+
+
 def tiny(name, cfg, seed=0):
+    """A tiny head; zero-initialised layers (TimeSformer's temporal_fc, ...) get random values
+    so that gradients and perturbations can be seen through them."""
     torch.manual_seed(seed)
-    return build_head(name, n_outputs=N_OUT, **cfg).eval()
+    head = build_head(name, n_outputs=N_OUT, **cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in head.named_parameters():
+            if any(z in pname for z in ZERO_INIT):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return head
 
 
 # --- contract, for every registered head ------------------------------------------------------
@@ -115,9 +140,8 @@ def test_padding_with_garbage_does_not_change_output(name, cfg, unused):
         garbage = long[k]
         garbage[0::2] = float("nan")
         garbage[1::2] = 1e6
-        garbage[:, : batch[k].shape[1]] = torch.where(
-            batch["mask"][..., None], batch[k], torch.full_like(batch[k], -3e5)
-        )
+        m = batch["mask"].reshape(*batch["mask"].shape, *[1] * (batch[k].dim() - 2))
+        garbage[:, : batch[k].shape[1]] = torch.where(m, batch[k], torch.full_like(batch[k], -3e5))
     with torch.no_grad():
         ref, ref_attn = head(batch, return_attention=True)
         out, attn = head(long, return_attention=True)

@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
         w.writerows(rows)
     cache = d / "feats.h5"
     s = extract(ExtractConfig(videos=videos, out=cache, features=("resnet18", "r2plus1d", "vit"),
-                              frames=FrameSampling(frame_rate=2.0), progress=False, device="cpu",
+                              frames=FrameSampling(frame_rate=1.0), progress=False, device="cpu",
                               dtype="float32"))
     assert s.done == 6
     runs = {}

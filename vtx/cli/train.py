@@ -31,6 +31,15 @@ HEAD_OPTIONS = {
     "--d-model": "d_model",
     "--heads": "n_heads",
     "--dropout": "dropout",
+    "--depth": "depth",
+    "--attention": "attention",
+    "--block-size": "block_size",
+    "--time-layers": "time_layers",
+    "--class-attention-layers": "class_attention_layers",
+    "--variant": "variant",
+    "--cross": "cross",
+    "--order": "order",
+    "--modalities": "modalities",
 }
 
 TRAIN_EXIT_CODES = """\b
@@ -153,15 +162,34 @@ def head_options(name: str, named: dict, sets: tuple[str, ...]) -> dict:
 @click.option("--d-model", type=int, default=None, help="Token width inside the head.")
 @click.option("--heads", type=int, default=None, help="Attention heads (config n_heads).")
 @click.option("--dropout", type=float, default=None, help="Dropout inside the head.")
+@click.option("--depth", type=int, default=None,
+              help="[timesformer, mevit, mmvit] Number of space-time blocks.")
+@click.option("--attention", type=click.Choice(["divided", "joint", "space"]), default=None,
+              help="[timesformer] Attention type.")
+@click.option("--block-size", type=int, default=None,
+              help="[mevit] Side M of the patch blocks temporal attention spans.")
+@click.option("--time-layers", type=int, default=None,
+              help="[mevit] Only the last L_t blocks attend over time.")
+@click.option("--class-attention-layers", type=int, default=None,
+              help="[mevit] CaiT-style layers that update only CLS.")
+@click.option("--variant", type=click.IntRange(1, 4), default=None,
+              help="[mmvit] 1 joint, 2 factorised, 3 time/cross-modal/space, 4 windowed 3.")
+@click.option("--cross", type=click.Choice(["merged", "co", "shift-merge"]), default=None,
+              help="[mmvit] Cross-modal attention of variants 3 and 4.")
+@click.option("--order", default=None, help="[mmvit] Order of the attentions, e.g. TMS.")
+@click.option("--modalities", default=None,
+              help="[mmvit] Subset of I (patches), M (motion), R (residual), A (audio).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Any other head config field, e.g. --set hidden=128 (repeatable; values "
                    "parsed as JSON when possible).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def train_head(name, features, labels, out, epochs, batch_size, lr, weight_decay, warmup_epochs,
                grad_clip, patience, device, seed, task, val_frac, max_tokens, resume, amp,
-               streams, fusion, lam, audio, window, pos, layers, d_model, heads, dropout, sets,
-               as_json) -> None:
-    """Train head NAME (stan, vtn, meanpool, lstm) on the cached features of labelled videos.
+               streams, fusion, lam, audio, window, pos, layers, d_model, heads, dropout, depth,
+               attention, block_size, time_layers, class_attention_layers, variant, cross, order,
+               modalities, sets, as_json) -> None:
+    """Train head NAME (stan, vtn, timesformer, mevit, mmvit, meanpool, lstm) on the cached
+    features of labelled videos.
 
     Feature widths and the number of outputs come from the cache and the labels. Head options
     apply only to heads that have them. Under torchrun --nproc_per_node N the run uses
@@ -171,7 +199,10 @@ def train_head(name, features, labels, out, epochs, batch_size, lr, weight_decay
 
     named = {"--streams": streams, "--fusion": fusion, "--lambda": lam, "--audio": audio,
              "--window": window, "--pos": pos, "--layers": layers, "--d-model": d_model,
-             "--heads": heads, "--dropout": dropout}
+             "--heads": heads, "--dropout": dropout, "--depth": depth, "--attention": attention,
+             "--block-size": block_size, "--time-layers": time_layers,
+             "--class-attention-layers": class_attention_layers, "--variant": variant,
+             "--cross": cross, "--order": order, "--modalities": modalities}
     try:
         config = TrainConfig(
             head=name, features=features, labels=labels, out=out, epochs=epochs,

@@ -1,7 +1,9 @@
 """Stage-2 heads: small transformers (and baselines) over cached shot or frame tokens.
 
 One file per paper: ``stan.py`` (STAN, Fish et al. 2022, Section 3), ``vtn.py`` (VTN, Neimark et
-al. 2021, Section 3) and ``baselines.py`` (STAN's Table 1); shared layers live in ``blocks.py``.
+al. 2021, Section 3), ``timesformer.py`` (TimeSformer, Bertasius et al. 2021, Section 3),
+``mevit.py`` (MEViT, Section 3) and ``baselines.py`` (STAN's Table 1); shared layers live in
+``blocks.py``.
 
 The head contract, the same for every head:
 
@@ -9,7 +11,8 @@ The head contract, the same for every head:
   ``HEADS[name](config)``; the head keeps the config as ``head.config``, so a checkpoint needs
   only the name and ``dataclasses.asdict(head.config)``.
 * ``head.features`` names the cache datasets it reads, ``head.inputs`` maps them to widths and
-  ``head.level`` is ``"shot"`` or ``"frame"``.
+  ``head.level`` is ``"shot"`` or ``"frame"``. A width is an int ``D`` (tokens ``(B, L, D)``)
+  or a tuple for shaped tokens (``vit_patches``: ``(196, 768)``, tokens ``(B, L, 196, 768)``).
 * ``head(batch)`` takes ``{feature: float (B, L, D), "mask": bool (B, L)}``, all features aligned
   on one token axis, True for real tokens (padding trailing, every row with a real token), and
   returns logits ``(B, n_outputs)``. Padding never changes the logits.
@@ -26,7 +29,10 @@ from dataclasses import fields
 from torch import nn
 
 from .baselines import LstmHead, MeanPool
+from .mevit import Mevit
+from .mmvit import Mmvit
 from .stan import Stan
+from .timesformer import TimeSformer
 from .vtn import Vtn
 
 __all__ = ["HEADS", "build_head", "config_class"]
@@ -34,7 +40,10 @@ __all__ = ["HEADS", "build_head", "config_class"]
 HEADS: dict[str, type[nn.Module]] = {
     "lstm": LstmHead,
     "meanpool": MeanPool,
+    "mevit": Mevit,
+    "mmvit": Mmvit,
     "stan": Stan,
+    "timesformer": TimeSformer,
     "vtn": Vtn,
 }
 

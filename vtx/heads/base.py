@@ -12,13 +12,18 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DEFAULT_FEATURE_DIMS", "LEVELS", "Head", "cls_attention_to_tokens", "uniform_attention"]
+__all__ = ["DEFAULT_FEATURE_DIMS", "LEVELS", "Head", "cls_attention_to_tokens", "input_shape", "uniform_attention"]
 
 #: Feature width of each stage-1 cache dataset, used as config defaults.
 DEFAULT_FEATURE_DIMS: dict[str, int] = {"resnet18": 512, "r2plus1d": 512, "vit": 768, "vggish": 128}
 
 #: Token axes a head can run on: one token per shot, or one per sampled frame.
 LEVELS = ("shot", "frame")
+
+
+def input_shape(width: int | tuple[int, ...]) -> tuple[int, ...]:
+    """Token shape of an :attr:`Head.inputs` entry: ``D`` -> ``(D,)``, a tuple unchanged."""
+    return (int(width),) if isinstance(width, int) else tuple(int(w) for w in width)
 
 
 class Head(nn.Module):
@@ -40,16 +45,30 @@ class Head(nn.Module):
         """Standardise feature ``name`` as ``(x - mean) / (std + eps)`` from now on.
 
         Args:
-            stats: ``{name: (mean (D,), std (D,))}`` for features this head reads.
+            stats: ``{name: (mean, std)}`` for features this head reads. For a feature of width
+                ``D`` they are ``(D,)``; for a shaped feature (``inputs[name]`` a tuple such as
+                ``(196, 768)``) any shape that broadcasts to it, usually ``(D,)`` for the last
+                axis (statistics over all tokens and patches) or the full token shape.
         """
         for name, (mean, std) in stats.items():
             if name not in self.inputs:
                 raise ValueError(f"{type(self).__name__} does not read {name!r}")
+            shape = input_shape(self.inputs[name])
             device = next(self.parameters()).device
-            self.register_buffer(self._NORM_MEAN + name,
-                                 torch.as_tensor(mean, dtype=torch.float32, device=device))
-            self.register_buffer(self._NORM_STD + name,
-                                 torch.as_tensor(std, dtype=torch.float32, device=device) + eps)
+            mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
+            std = torch.as_tensor(std, dtype=torch.float32, device=device)
+            for what, t in (("mean", mean), ("std", std)):
+                try:
+                    fits = torch.broadcast_shapes(t.shape, shape) == shape
+                except RuntimeError:
+                    fits = False
+                if not fits:
+                    raise ValueError(
+                        f"{type(self).__name__}: {what} of {name!r} has shape {tuple(t.shape)}, which does "
+                        f"not broadcast to its token shape {shape}; give ({shape[-1]},) or {shape}"
+                    )
+            self.register_buffer(self._NORM_MEAN + name, mean)
+            self.register_buffer(self._NORM_STD + name, std + eps)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key, value in state_dict.items():  # recreate the standardisation buffers
@@ -70,8 +89,9 @@ class Head(nn.Module):
         return tuple(self.inputs)
 
     @property
-    def inputs(self) -> dict[str, int]:
-        """Feature width of each cache dataset this head reads."""
+    def inputs(self) -> dict[str, int | tuple[int, ...]]:
+        """Feature width of each cache dataset this head reads: an int ``D`` for token vectors
+        ``(B, L, D)``, or a tuple for shaped tokens, e.g. ``(196, 768)`` for ``(B, L, 196, 768)``."""
         raise NotImplementedError
 
     @property
@@ -86,10 +106,11 @@ class Head(nn.Module):
         ``0 * NaN`` in a later matrix product.
 
         Args:
-            batch: ``{name: (B, L, D)}`` for each feature plus ``"mask"``: bool ``(B, L)``.
+            batch: ``{name: (B, L, *shape)}`` for each feature (``shape`` is ``(D,)`` for an int
+                in :attr:`inputs`, the tuple itself otherwise) plus ``"mask"``: bool ``(B, L)``.
 
         Returns:
-            ``({name: (B, L, D) with padding zeroed}, mask)``.
+            ``({name: (B, L, *shape) standardised, padding zeroed}, mask)``.
 
         Raises:
             ValueError: A feature or the mask is missing, or shapes disagree.
@@ -110,13 +131,15 @@ class Head(nn.Module):
                     f"(it has {sorted(batch)}); extract that feature in stage 1 or change the head config"
                 )
             x = batch[key]
-            if x.dim() != 3 or x.shape[:2] != mask.shape or x.shape[2] != dim:
+            shape = input_shape(dim)
+            if x.shape != (*mask.shape, *shape):
                 raise ValueError(
-                    f"{name}: batch[{key!r}] has shape {tuple(x.shape)}, expected {(*mask.shape, dim)} "
-                    f"(mask (B, L) and the configured width {dim})"
+                    f"{name}: batch[{key!r}] has shape {tuple(x.shape)}, expected {(*mask.shape, *shape)} "
+                    f"(mask (B, L) and the configured token shape {shape})"
                 )
             x = self._standardise(key, x.float())
-            feats[key] = x.masked_fill(~mask[..., None], 0.0)  # (B, L, D)
+            pad = ~mask.view(*mask.shape, *(1,) * len(shape))  # (B, L, 1, ...)
+            feats[key] = x.masked_fill(pad, 0.0)  # (B, L, *shape)
         return feats, mask
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "ClassAttention",
     "GluMlp",
     "LearnedPositionalEmbedding",
     "Mlp",
@@ -328,3 +329,47 @@ class TransformerEncoder(nn.Module):
             last = i == len(self.layers) - 1
             x, weights = layer(x, mask, return_attention and last)
         return self.norm(x), weights
+
+
+class ClassAttention(MultiHeadSelfAttention):
+    """Class attention (Touvron et al., "Going deeper with Image Transformers" (CaiT), Section 3):
+    only the class token queries; the other tokens are keys and values and are not updated.
+
+    The weights are laid out exactly as in :class:`MultiHeadSelfAttention` (fused ``qkv`` then
+    ``proj``); only the first ``dim`` rows of ``qkv`` (the query) are applied to the class token
+    alone, so no patch query or patch-to-patch score is ever computed.
+
+    Args:
+        dim: Token width; split evenly across heads.
+        n_heads: Number of attention heads.
+        attn_dropout: Dropout on the attention probabilities.
+        bias: Whether the projections have biases.
+    """
+
+    def forward(
+        self, cls: Tensor, x: Tensor, mask: Tensor | None = None, return_attention: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attend the class token to the tokens ``x``.
+
+        Args:
+            cls: Class token ``(B, 1, D)`` (already normalised by the caller).
+            x: Key/value tokens ``(B, L, D)``.
+            mask: True for real tokens ``(B, L)``; None means all are real. Each row needs one.
+            return_attention: Also return the attention probabilities (before dropout).
+
+        Returns:
+            ``(out, weights)``: ``out`` ``(B, 1, D)``; ``weights`` ``(B, H, L)`` or None.
+        """
+        B, L, D = x.shape
+        H, Dh = self.n_heads, self.head_dim
+        w, b = self.qkv.weight, self.qkv.bias
+        q = F.linear(cls, w[:D], None if b is None else b[:D]).view(B, 1, H, Dh).transpose(1, 2)  # (B, H, 1, Dh)
+        kv = F.linear(x, w[D:], None if b is None else b[D:]).view(B, L, 2, H, Dh)  # (B, L, 2, H, Dh)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, L, Dh)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(Dh)  # (B, H, 1, L)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        p = scores.softmax(dim=-1)
+        out = F.dropout(p, self.attn_dropout if self.training else 0.0, self.training) @ v  # (B, H, 1, Dh)
+        out = out.transpose(1, 2).reshape(B, 1, D)  # (B, 1, H * Dh)
+        return self.proj(out), (p[:, :, 0] if return_attention else None)

@@ -4,7 +4,7 @@ Stage 2 trains on cached tokens, not on video. A head names the cache datasets i
 (``head.features``) and its token axis (``head.level``); :func:`load_cache` reads exactly those
 datasets of every *labelled* video once (a shot token is ~2 KB, so thousands of videos fit in
 memory easily) and :func:`collate` pads them into the head's batch contract
-``{feature: float (B, L, D), "mask": bool (B, L)}`` (see ``vtx/heads/__init__.py``).
+``{feature: float (B, L, *shape), "mask": bool (B, L)}`` (see ``vtx/heads/__init__.py``).
 
 Token axes. Every cache dataset has one of three row axes (its ``level``):
 
@@ -16,8 +16,12 @@ Token axes. Every cache dataset has one of three row axes (its ``level``):
 
 A dataset's level is its ``level`` attr when it has one, else ``audio`` when a
 ``<name>_times`` dataset exists (or for ``vggish``), else ``frame`` for the known frame
-datasets (:data:`FRAME_FEATURES`), else ``shot``. Rows of more than one axis (``motion``
-``[m, 2, g, g]``) are flattened to the dataset's ``dim``.
+datasets (:data:`FRAME_FEATURES`), else ``shot``. Rows of more than one axis are flattened to
+the dataset's ``dim`` (``motion`` ``[m, 2, g, g]``), unless the head declares a *shaped* input
+(``head.inputs[name]`` a tuple, e.g. ``vit_patches`` ``(196, 768)``) or the rows are ``dim`` wide
+on their last axis only (``vit_patches`` ``[m, 196, 768]`` with ``dim`` 768): those rows keep
+their shape, tokens ``(L, *shape)``. Pass ``head.inputs`` as ``features`` to :func:`load_cache`
+so that a head's declared shapes are used (``motion`` read as ``(2, g, g)``, say).
 
 A head reads tokens on its own level (``head.level``):
 
@@ -48,7 +52,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +118,7 @@ class VideoTokens:
         path: the cache's ``path`` attr (relative POSIX path of the video).
         label_key: the label file's key that matched ``path``.
         split: ``train``, ``val`` or ``test``.
-        tokens: ``{feature: (L, D)}``, all on one token axis, in the cache's dtype.
+        tokens: ``{feature: (L, D) or (L, *shape)}``, all on one token axis, in the cache's dtype.
         target: multi-hot float32 ``(C,)``, int64 class index ``()`` or float64 value ``()``.
     """
 
@@ -170,6 +174,13 @@ class CacheData:
         """Width of each feature, from the cache."""
         return {f: int(a["dim"]) for f, a in self.feature_attrs.items()}
 
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Token shape of each feature as loaded: ``(D,)`` for flattened rows, e.g. ``(196, 768)``
+        for shaped ones."""
+        v = self.videos[0]
+        return {f: tuple(int(n) for n in v.tokens[f].shape[1:]) for f in self.features}
+
     def split_sizes(self) -> dict[str, int]:
         return {s: len(self._by_split.get(s, [])) for s in ("train", "val", "test")}
 
@@ -207,7 +218,7 @@ def collate(items: list[dict]) -> dict[str, Tensor]:
     """Pad a list of :class:`TokenDataset` items to the longest one.
 
     Returns:
-        ``{feature: float32 (B, L, D), "mask": bool (B, L), "target": (B, C) | (B,),
+        ``{feature: float32 (B, L, *shape), "mask": bool (B, L), "target": (B, C) | (B,),
         "index": int64 (B,)}``; padding is zero and trailing, ``mask`` True for real tokens.
     """
     features = list(items[0]["tokens"])
@@ -218,8 +229,8 @@ def collate(items: list[dict]) -> dict[str, Tensor]:
         mask[b, :n] = True
     batch: dict[str, Tensor] = {"mask": mask}
     for f in features:
-        D = items[0]["tokens"][f].shape[1]
-        x = torch.zeros(B, L, D, dtype=torch.float32)  # (B, L, D)
+        shape = items[0]["tokens"][f].shape[1:]
+        x = torch.zeros(B, L, *shape, dtype=torch.float32)  # (B, L, D) or (B, L, *shape)
         for b, it in enumerate(items):
             x[b, : lengths[b]] = it["tokens"][f].float()
         batch[f] = x
@@ -336,7 +347,8 @@ def _extract_command(cache: Path, have: Sequence[str], missing: Sequence[str],
     return cmd
 
 
-def load_cache(cache: str | Path, labels: LabelSet, features: Sequence[str], level: str = "shot",
+def load_cache(cache: str | Path, labels: LabelSet, features: Sequence[str] | Mapping[str, int | tuple],
+               level: str = "shot",
                max_tokens: int | None = None,
                log: Callable[[str], None] | None = None) -> CacheData:
     """Read the tokens of every labelled video for a head reading ``features`` on ``level``.
@@ -344,7 +356,9 @@ def load_cache(cache: str | Path, labels: LabelSet, features: Sequence[str], lev
     Args:
         cache: ``feats.h5`` written by ``vtx extract``.
         labels: targets and splits; cached videos are matched with ``labels.match(path)``.
-        features: cache datasets the head reads (``head.features``).
+        features: cache datasets the head reads (``head.features``), or ``head.inputs``
+            (name -> width or token shape) so that features the head declares shaped (a tuple)
+            keep their row shape and the others are flattened.
         level: the head's token axis (``head.level``).
         max_tokens: cap on tokens per video (uniform subsample, see the module docstring).
         log: where notes go (stderr by default).
@@ -355,6 +369,8 @@ def load_cache(cache: str | Path, labels: LabelSet, features: Sequence[str], lev
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     cache = Path(cache)
+    shapes = ({ft: w for ft, w in features.items() if not isinstance(w, int)}
+              if isinstance(features, Mapping) else {})
     features = tuple(features)
     if level not in LEVELS:
         raise CacheDataError(f"unknown token level {level!r}; valid levels: {', '.join(LEVELS)}")
@@ -458,7 +474,7 @@ def load_cache(cache: str | Path, labels: LabelSet, features: Sequence[str], lev
         n_empty = 0
         notes: dict[str, int] = defaultdict(int)
         for name, path, key in labelled:
-            tokens = _read_tokens(groups[name], path, features, level, notes)
+            tokens = _read_tokens(groups[name], path, features, level, notes, shapes)
             length = len(next(iter(tokens.values())))
             if length == 0:
                 n_empty += 1
@@ -483,8 +499,11 @@ def load_cache(cache: str | Path, labels: LabelSet, features: Sequence[str], lev
 
 
 def _read_tokens(g: h5py.Group, path: str, features: Sequence[str], level: str,
-                 notes: dict[str, int]) -> dict[str, np.ndarray]:
-    """``{feature: (L, D)}`` of one video, on the head's ``level``."""
+                 notes: dict[str, int], shapes: Mapping[str, tuple] | None = None
+                 ) -> dict[str, np.ndarray]:
+    """``{feature: (L, D) or (L, *shape)}`` of one video, on the head's ``level``; ``shapes``
+    names the features whose rows keep their shape (see the module docstring)."""
+    shapes = shapes or {}
     shots = g["shots"][()] if "shots" in g else None
     frames = g["frames"][()] if "frames" in g else None
     if frames is not None and frames.ndim == 2:
@@ -501,9 +520,16 @@ def _read_tokens(g: h5py.Group, path: str, features: Sequence[str], level: str,
         ds = g[ft]
         x = ds[()]
         dim = int(ds.attrs.get("dim", x.shape[1] if x.ndim >= 2 else 0))
-        if x.ndim > 2 and int(np.prod(x.shape[1:])) == dim:
+        row_shape = tuple(int(n) for n in x.shape[1:])
+        if ft in shapes:
+            want = tuple(int(n) for n in shapes[ft])
+            if row_shape != want:
+                raise CacheDataError(f"{path}: dataset {ft!r} has rows of shape {row_shape} but the "
+                                     f"head reads {want}; configure the head for the cache's shape")
+        elif x.ndim > 2 and int(np.prod(row_shape)) == dim:
             x = x.reshape(len(x), dim)  # (rows, dim), e.g. motion (m, 2, g, g)
-        if x.ndim != 2:
+        shaped = x.ndim > 2 and (ft in shapes or row_shape[-1] == dim)  # e.g. vit_patches (m, 196, 768)
+        if x.ndim != 2 and not shaped:
             raise CacheDataError(f"{path}: dataset {ft!r} has rows of shape {x.shape[1:]}, not "
                                  f"one {dim}-d vector per token; heads cannot read it")
         ft_level = _dataset_level(g, ft)
@@ -522,8 +548,8 @@ def _read_tokens(g: h5py.Group, path: str, features: Sequence[str], level: str,
                                      f"{len(frames)}; frame features must align on 'frames'")
             if level == "shot":
                 shots = need("shots", ft)
-                x = _pool_rows(x, frames, shots[:, 1].astype(np.float64),
-                               (shots[:, 0] + shots[:, 1] - 1) / 2)
+                x = _pool_rows(x.reshape(len(x), -1), frames, shots[:, 1].astype(np.float64),
+                               (shots[:, 0] + shots[:, 1] - 1) / 2).reshape(-1, *x.shape[1:])
         else:  # audio: rows on their own time axis
             times = need(f"{ft}_times", ft).reshape(-1, 2)
             if len(times) != len(x):

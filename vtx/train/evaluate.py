@@ -110,7 +110,7 @@ def evaluate_run(run_or_ckpt: str | Path, features: str | Path, labels: str | Pa
     train_config = ckpt.get("train_config") or {}
     labelset = load_labels(labels, task=task, val_frac=train_config.get("val_frac", 0.2),
                            vocab=list(ckpt["vocab"]) if task != "regression" else None)
-    data = load_cache(features, labelset, head.features, head.level,
+    data = load_cache(features, labelset, head.inputs, head.level,
                       train_config.get("max_tokens"), log)
     _check_features(ckpt, data, ckpt_path, log)
 

@@ -125,7 +125,8 @@ def head_tokens(head, feats: VideoFeatures, video: str = "") -> dict[str, np.nda
         for name, arr in feats.features.items():
             ds = g.create_dataset(name, data=arr)
             ds.attrs["dim"] = int(np.prod(arr.shape[1:])) if arr.ndim > 1 else 0
-        return _read_tokens(g, video, tuple(head.features), head.level, Counter())
+        shapes = {n: w for n, w in head.inputs.items() if not isinstance(w, int)}
+        return _read_tokens(g, video, tuple(head.features), head.level, Counter(), shapes)
 
 
 @torch.no_grad()

@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from vtx.errors import UsageError
 from vtx.heads import build_head, config_class
+from vtx.heads.base import input_shape
 from vtx.train.checkpoint import (
     get_rng_state,
     read_checkpoint,
@@ -201,7 +202,8 @@ def build_head_for(name: str, n_outputs: int, dims: dict[str, int] | None = None
         head = build_head(name, n_outputs=n_outputs, **kw)
     except (TypeError, ValueError) as e:
         raise UsageError(f"head {name!r}: {e}") from e
-    wrong = {ft: (w, dims[ft]) for ft, w in head.inputs.items() if ft in dims and w != dims[ft]}
+    wrong = {ft: (w, dims[ft]) for ft, w in head.inputs.items()
+             if ft in dims and dims[ft] not in (input_shape(w)[-1], int(np.prod(input_shape(w))))}
     if wrong:
         raise UsageError(f"head {name!r} expects widths {wrong} (head, cache) that differ; "
                          f"leave the feature widths to the cache")
@@ -214,11 +216,22 @@ def input_stats(data, features) -> dict[str, tuple[Tensor, Tensor]]:
     videos = [v for v in data.videos if v.split == "train"] or data.videos
     out = {}
     for name in features:
-        rows = [np.asarray(v.tokens[name], np.float64) for v in videos if len(v.tokens[name])]
-        if not rows:
+        # Shaped tokens (e.g. patches (196, 768)) are standardised over their last dimension:
+        # accumulate sums per video in float64 rather than concatenating everything.
+        n, total, squares = 0, 0.0, 0.0
+        for v in videos:
+            x = np.asarray(v.tokens[name], np.float64)
+            if not len(x):
+                continue
+            x = x.reshape(-1, x.shape[-1])
+            n += len(x)
+            total = total + x.sum(0)
+            squares = squares + (x * x).sum(0)
+        if not n:
             continue
-        x = np.concatenate(rows)
-        out[name] = (torch.from_numpy(x.mean(0)).float(), torch.from_numpy(x.std(0)).float())
+        mean = total / n
+        std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
+        out[name] = (torch.from_numpy(mean).float(), torch.from_numpy(std).float())
     return out
 
 
@@ -543,7 +556,7 @@ def _train(config: TrainConfig, d: _Dist, device: torch.device,
     task = labels.task
     n_outputs = 1 if task == "regression" else len(labels.vocab)
     proto = build_head_for(config.head, n_outputs, None, config.head_options)
-    data = load_cache(config.features, labels, proto.features, proto.level, config.max_tokens, log)
+    data = load_cache(config.features, labels, proto.inputs, proto.level, config.max_tokens, log)
     torch.manual_seed(config.seed)
     head = build_head_for(config.head, n_outputs, data.dims, config.head_options)
     if task == "regression" and not config.resume:
