@@ -26,7 +26,7 @@ from vtx.heads import build_head
 from vtx.pipeline.backbones import resolve_device
 
 
-def vtn_once(length: int, device: str, repeats: int = 3) -> dict:
+def vtn_once(length: int, device: str, repeats: int = 6) -> dict:
     dev = resolve_device(device)
     torch.manual_seed(0)
     head = build_head("vtn", n_outputs=10, feature_dim=768, d_model=256, n_heads=4, n_layers=3,
