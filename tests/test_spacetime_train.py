@@ -68,10 +68,17 @@ def test_cli_maps_space_time_options(st_cache, tmp_path):
     assert r.exit_code == 2 and "no option --block-size" in r.output
     r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "b"), "--variant", "2",
                                         "--modalities", "IM", "--depth", "1", "--d-model", "16",
-                                        "--heads", "2", "--epochs", "1", "--max-tokens", "8",
+                                        "--heads", "2", "--epochs", "1", "--max-tokens", "2",
                                         "--device", "cpu", "--json"])
     assert r.exit_code == 0, r.output
     import torch
     ckpt = torch.load(tmp_path / "b" / "best.pt", weights_only=True)
     assert ckpt["head_config"]["variant"] == 2 and ckpt["head_config"]["modalities"] == "IM"
     assert ckpt["features"].keys() == {"vit_patches", "motion"}
+    # predict subsamples frames exactly as training did (--max-tokens 2)
+    video = next(p for p in sorted((d / "videos").glob("heldout_*.mp4")))
+    pred = predict(PredictConfig(videos=(video,), model=tmp_path / "b" / "best.pt",
+                                 device="cpu", explain=tmp_path / "b.png"))[0]
+    assert pred.error is None and len(pred.attention) == 2 and len(pred.token_index) == 2
+    assert pred.token_index[0] == 0 and pred.token_index[1] > 1
+    assert (tmp_path / "b.png").exists()

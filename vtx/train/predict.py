@@ -42,6 +42,7 @@ class Prediction:
     value: float | None = None  # regression
     attention: list[float] = field(default_factory=list)  # per shot
     shot_times: list[list[float]] = field(default_factory=list)  # [start, end) s per token
+    token_index: list[int] = field(default_factory=list)  # shot / sampled-frame index per token
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -55,6 +56,7 @@ class Prediction:
         if self.attention:
             d["attention"] = [round(a, 6) for a in self.attention]
             d["token_times"] = self.shot_times
+            d["token_index"] = self.token_index
         return d
 
 
@@ -132,10 +134,16 @@ def head_tokens(head, feats: VideoFeatures, video: str = "") -> dict[str, np.nda
 @torch.no_grad()
 def predict_features(head, ckpt: dict, feats: VideoFeatures, top_k: int,
                      device: torch.device) -> Prediction:
+    from vtx.train.dataset import subsample_indices
+
     tokens = head_tokens(head, feats)
     n = len(next(iter(tokens.values())))
     if n == 0:
         raise UsageError("the video gave no tokens for this head")
+    # The same uniform subsample as training (--max-tokens), e.g. 8 frames for TimeSformer.
+    keep = subsample_indices(n, (ckpt.get("train_config") or {}).get("max_tokens"))
+    tokens = {name: x[keep] for name, x in tokens.items()}
+    n = len(keep)
     batch = {name: torch.from_numpy(np.asarray(x, np.float32))[None].to(device)
              for name, x in tokens.items()}
     batch["mask"] = torch.ones(1, n, dtype=torch.bool, device=device)
@@ -144,11 +152,11 @@ def predict_features(head, ckpt: dict, feats: VideoFeatures, top_k: int,
     if head.level == "frame":
         t = feats.fixed["frame_times"]
         ends = np.append(t[1:], feats.attrs.get("duration_s", t[-1]))
-        spans = np.stack([t, ends], axis=1).tolist()
+        spans = np.stack([t, ends], axis=1)[keep].tolist()
     else:
-        spans = feats.shot_times.tolist()
+        spans = feats.shot_times[keep].tolist()
     pred = Prediction(video="", task=ckpt["task"], attention=attn[0].float().cpu().tolist(),
-                      shot_times=spans)
+                      shot_times=spans, token_index=[int(i) for i in keep])
     if ckpt["task"] == "regression":
         pred.value = float(logits[0])
     else:
@@ -169,10 +177,11 @@ def render_explanation(path: Path, pred: Prediction, feats: VideoFeatures,
     import matplotlib.pyplot as plt
 
     all_thumbs = (feats.frame_thumbnails if level == "frame" else feats.thumbnails) or []
-    keep = list(range(len(all_thumbs)))
+    keep = list(range(len(pred.attention)))  # positions in the head's (subsampled) tokens
     if len(keep) > MAX_THUMBNAILS:
         keep = sorted(np.argsort(pred.attention)[::-1][:MAX_THUMBNAILS].tolist())
-    thumbs = [all_thumbs[i] for i in keep]
+    index = pred.token_index or list(range(len(pred.attention)))
+    thumbs = [all_thumbs[index[i]] for i in keep]
     n = len(thumbs)
     cols = min(n, 8)
     rows = (n + cols - 1) // cols
@@ -185,7 +194,7 @@ def render_explanation(path: Path, pred: Prediction, feats: VideoFeatures,
         ax.imshow(thumbs[i])
         a = pred.attention[keep[i]]
         t0, t1 = pred.shot_times[keep[i]]
-        ax.set_title(f"{level} {keep[i]}: {t0:.1f}-{t1:.1f}s", fontsize=8)
+        ax.set_title(f"{level} {index[keep[i]]}: {t0:.1f}-{t1:.1f}s", fontsize=8)
         ax.text(0.5, -0.08, f"attention {a:.3f}", transform=ax.transAxes, ha="center",
                 va="top", fontsize=9, fontweight="bold" if a == top else "normal",
                 color="crimson" if a == top else "black")
