@@ -294,7 +294,7 @@ def decode_video(job: _Job, preps: dict[str, Callable], shot_config: ShotConfig,
                 for name in shot_preps:
                     pos = buffer.nearest(sample_indices(name, a, b), upto=b)
                     clip = np.stack([buffer.items[p][name] for p in pos])
-                    if name == THUMBNAIL:
+                    if name == THUMBNAIL:  # negative index: a per-shot item, not a frame
                         emit(_Direct(job.vid, -1 - index, {THUMBNAIL: clip[0]}))
                     else:
                         emit(_Item(job.vid, name, index, clip))
@@ -472,10 +472,7 @@ def extract_video(path: str | Path, backbones: dict[str, Backbone],
 
 def _run_model(bb: Backbone, items: list[_Item], assembler_of) -> set[int]:
     """Run one batch; route each output row to its video's assembler. Returns the video ids."""
-    if bb.spec.level == "audio":
-        x = torch.from_numpy(np.stack([it.data for it in items]))
-    else:
-        x = torch.from_numpy(np.stack([it.data for it in items]))
+    x = torch.from_numpy(np.stack([it.data for it in items]))
     outs = bb(x.to(bb.device, non_blocking=True))
     outs = {k: v.cpu().numpy() for k, v in outs.items()}
     for row, it in enumerate(items):
