@@ -176,6 +176,33 @@ class ForeignCpu:
             self.seconds = max(0.0, (busy - self._start[0]) - (own - self._start[1]))
 
 
+def wait_for_quiet(max_wait_s: float, max_cores: float = 0.15, window_s: float = 2.0,
+                   log=None) -> float | None:
+    """Wait up to ``max_wait_s`` for a ``window_s`` during which other processes used less than
+    ``max_cores`` cores. Returns the cores they used in the last window (None without /proc)."""
+    if max_wait_s <= 0:
+        return None
+    deadline = time.monotonic() + max_wait_s
+    said = False
+    while True:
+        with ForeignCpu() as fc:
+            time.sleep(window_s)
+        if fc.seconds is None:
+            return None
+        cores = fc.seconds / window_s
+        if cores < max_cores or time.monotonic() >= deadline:
+            return cores
+        if log and not said:
+            log(f"waiting up to {max_wait_s:.0f} s for other processes to go quiet "
+                f"({cores:.1f} cores busy)")
+            said = True
+
+
+def own_cpu_s() -> float:
+    """CPU seconds used so far by this process (all threads) and its waited-for children."""
+    return _own_cpu_s()
+
+
 def _system_busy_s() -> float | None:
     try:
         with open("/proc/stat") as f:

@@ -155,10 +155,11 @@ def main(argv: list[str] | None = None) -> dict:
                     f"load avg {os.getloadavg()[0]:.2f}")
                 m = measure(cmd)
                 m["summary"] = json.loads(m.pop("stdout").strip().splitlines()[-1])
-                m["loadavg_1min_before"] = os.getloadavg()[0]
+                m["loadavg_1min_after"] = os.getloadavg()[0]
                 runs[label].append(m)
                 out.unlink(missing_ok=True)
         command = " ".join(vtx_command()[-1:] + cmd[len(vtx_command()):])
+        machine = machine_info(Path(videos["short"]["path"]))
     finally:
         if own_tmp:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_long_over_short": ratio,
         "target": TARGET,
         "verdict": verdict(ratio, TARGET),
-        "machine": machine_info(Path(videos["short"]["path"]) if not own_tmp else None),
+        "machine": machine,
     }
     if args.json:
         print(json.dumps(result, indent=2))

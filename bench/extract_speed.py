@@ -47,7 +47,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ForeignCpu, best, machine_info, make_video, spread, verdict  # noqa: E402
+from _common import (ForeignCpu, best, machine_info, make_video, own_cpu_s, spread,  # noqa: E402
+                     verdict, wait_for_quiet)
 
 TARGET = 1.10
 
@@ -191,6 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--features", default="resnet18,r2plus1d")
     p.add_argument("--repeats", type=int, default=2,
                    help="runs of each measurement; the best is reported [default: 2]")
+    p.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
+                   help="before each measurement wait up to this long for other processes to "
+                        "use < 0.15 cores (shared machines) [default: 0, do not wait]")
     p.add_argument("--progress", action="store_true",
                    help="let extract draw its progress bars (the CLI default)")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
@@ -224,40 +228,42 @@ def main(argv: list[str] | None = None) -> dict:
         rec: dict[str, list] = {"decode": [], "producer": [], "model": [], "extract": [],
                                 "extract_load": [], "extract_batches": [], "loadavg": []}
         foreign: dict[str, list] = {"decode": [], "producer": [], "model": [], "extract": []}
+        cpu: dict[str, list] = {"decode": [], "producer": [], "model": [], "extract": []}
         frames = shots = None
         batches = None
+
+        def measure(part: str, fn):
+            wait_for_quiet(args.quiet_wait, log=log)
+            log(f"run {r + 1}/{args.repeats}: {part}")
+            c0 = own_cpu_s()
+            with ForeignCpu() as fc:
+                value = fn()
+            cpu[part].append(own_cpu_s() - c0)
+            foreign[part].append(fc.seconds)
+            return value
+
         for r in range(args.repeats):
             rec["loadavg"].append(os.getloadavg()[0])
-            log(f"run {r + 1}/{args.repeats}: decode")
-            with ForeignCpu() as fc:
-                s, frames = time_decode(video)
+            s, frames = measure("decode", lambda: time_decode(video))
             rec["decode"].append(s)
-            foreign["decode"].append(fc.seconds)
-            log(f"run {r + 1}/{args.repeats}: producer (decode_video, models off)")
-            with ForeignCpu() as fc:
-                s, _, shots = time_producer(video, backbones)
+            s, _, shots = measure("producer", lambda: time_producer(video, backbones))
             rec["producer"].append(s)
-            foreign["producer"].append(fc.seconds)
             if batches is None:
                 batches = model_batches(backbones, shots, args.batch_size)
                 for name, (sizes, inputs) in batches.items():  # warm up every input shape
                     for b in inputs:
                         backbones[name](inputs[b].to(device))
-            log(f"run {r + 1}/{args.repeats}: model ({shots} shots per feature)")
-            with ForeignCpu() as fc:
-                rec["model"].append(time_model(backbones, batches))
-            foreign["model"].append(fc.seconds)
-            log(f"run {r + 1}/{args.repeats}: extract")
-            with ForeignCpu() as fc:
-                e = time_extract(video, workdir / "bench_feats.h5", features, str(device),
-                                 args.batch_size, args.progress)
-            foreign["extract"].append(fc.seconds)
+            rec["model"].append(measure("model", lambda: time_model(backbones, batches)))
+            e = measure("extract", lambda: time_extract(
+                video, workdir / "bench_feats.h5", features, str(device), args.batch_size,
+                args.progress))
             if e["shots"] != shots:
                 log(f"warning: extract found {e['shots']} shots, the producer {shots}")
             rec["extract"].append(e["wall_s"])
             rec["extract_load"].append(e["load_s"])
             rec["extract_batches"].append(e["batches_s"])
             video_seconds = e["video_seconds"]
+        machine = machine_info(video)  # reads the encoder string, before a temp video goes
     finally:
         if own_tmp:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -299,13 +305,16 @@ def main(argv: list[str] | None = None) -> dict:
                    "producer": rec["producer"]},
         "loadavg_1min_before_run": rec["loadavg"],
         "foreign_cpu_s": foreign,
+        "own_cpu_s": cpu,
+        "cpu_ratio_extract_over_decode_plus_model": (
+            min(cpu["extract"]) / (min(cpu["decode"]) + min(cpu["model"]))),
         "decode_fps": frames / decode_s,
         "extract_throughput_video_s_per_s": video_seconds / extract_s,
         "ratio_extract_over_decode_plus_model": ratio_no_load,
         "ratio_with_model_load": ratio_with_load,
         "target": TARGET,
         "verdict": verdict(ratio_no_load, TARGET),
-        "machine": machine_info(video),
+        "machine": machine,
         "torch_threads": torch.get_num_threads(),
     }
     if args.json:
@@ -337,13 +346,15 @@ def summary(r: dict, rec: dict, model_totals: list[float]) -> str:
         f"{'seconds, best of ' + str(r['repeats']):36s} {'best':>7s}   runs: best / median / worst",
     ]
     for name, value, runs, note in rows:
-        note = f"({note})" if note else ""
-        lines.append(f"  {name:34s} {value:7.2f}   {'  '.join(x for x in (runs, note) if x)}")
+        detail = "  ".join(x for x in (runs, f"({note})" if note else "") if x)
+        lines.append(f"  {name:34s} {value:7.2f}   {detail}".rstrip())
     lines += [
         f"extract / (decode + model), load excluded: "
         f"{r['ratio_extract_over_decode_plus_model']:.3f}  target <= {r['target']:.2f}: "
         f"{r['verdict']}",
         f"extract / (decode + model + load):         {r['ratio_with_model_load']:.3f}",
+        f"same in CPU-seconds (load included in extract; less sensitive to other processes):"
+        f" {r['cpu_ratio_extract_over_decode_plus_model']:.3f}",
         f"load average before runs: {', '.join(f'{x:.2f}' for x in r['loadavg_1min_before_run'])}"
         f"; CPU-s used by other processes during each run: " + "; ".join(
             f"{k} " + ", ".join("?" if x is None else f"{x:.1f}" for x in v)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision import models
+from torchvision.transforms.v2 import functional as TF
 from torchvision.models import video as video_models
 
 from vtx.errors import UsageError, WeightsUnavailable
@@ -110,7 +111,7 @@ class FramePrep:
         self.crop_size = list(transforms.crop_size)
         if len(self.crop_size) == 1:
             self.crop_size = self.crop_size * 2
-        # Antialiased resizes are approximated by area interpolation, plain bilinear by bilinear.
+        # Image transforms resize with antialiasing, video transforms without.
         self.antialias = bool(getattr(transforms, "antialias", False))
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
@@ -127,9 +128,14 @@ class FramePrep:
         dh, dw = (w, h) if k % 2 else (h, w)  # displayed size
         oh, ow = self.output_size(dh, dw)
         rh, rw = (ow, oh) if k % 2 else (oh, ow)  # resize target in decoded orientation
-        shrinking = rh * rw < h * w
-        interp = cv2.INTER_AREA if (self.antialias and shrinking) else cv2.INTER_LINEAR
-        small = cv2.resize(rgb, (rw, rh), interpolation=interp)
+        if self.antialias:
+            # torchvision's own antialiased bilinear resize on the uint8 frame: exactly the
+            # weights' transform, and cheaper than OpenCV's INTER_AREA at non-integer ratios.
+            t = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W) uint8
+            small = TF.resize(t, [rh, rw], interpolation=TF.InterpolationMode.BILINEAR,
+                              antialias=True).permute(1, 2, 0).numpy()
+        else:  # torchvision's video transforms resize without antialiasing
+            small = cv2.resize(rgb, (rw, rh), interpolation=cv2.INTER_LINEAR)
         if k:
             small = np.rot90(small, k=k)
         ch, cw = self.crop_size
