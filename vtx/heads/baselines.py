@@ -40,6 +40,18 @@ def _check_features(cfg) -> None:
         raise ValueError(f"n_outputs must be >= 1, got {cfg.n_outputs}")
 
 
+class _Baseline(Head):
+    """The baselines read ``config.feature_dims`` on ``config.level``."""
+
+    @property
+    def inputs(self) -> dict[str, int]:
+        return dict(self.config.feature_dims)
+
+    @property
+    def level(self) -> str:
+        return self.config.level
+
+
 @dataclass
 class MeanPoolConfig:
     """Configuration of :class:`MeanPool`.
@@ -65,7 +77,7 @@ class MeanPoolConfig:
         _check_features(self)
 
 
-class MeanPool(Head):
+class MeanPool(_Baseline):
     """Masked mean of the concatenated features over real tokens, then an MLP.
 
     With ``return_attention`` the weights are uniform over real tokens: that is exactly how much
@@ -82,14 +94,6 @@ class MeanPool(Head):
         self.config = cfg = config
         self.norm = nn.LayerNorm(sum(cfg.feature_dims.values()))
         self.mlp = Mlp(sum(cfg.feature_dims.values()), cfg.hidden, cfg.n_outputs, cfg.dropout)
-
-    @property
-    def inputs(self) -> dict[str, int]:
-        return dict(self.config.feature_dims)
-
-    @property
-    def level(self) -> str:
-        return self.config.level
 
     def forward(self, batch: dict[str, Tensor], return_attention: bool = False):
         """Classify.
@@ -137,7 +141,7 @@ class LstmConfig:
         _check_features(self)
 
 
-class LstmHead(Head):
+class LstmHead(_Baseline):
     """A (bi)LSTM over the real tokens in order; the last layer's final states feed an MLP.
 
     Padding may sit anywhere: real tokens are moved to the front (keeping their order) and the
@@ -159,14 +163,6 @@ class LstmHead(Head):
         )
         n_dir = 2 if cfg.bidirectional else 1
         self.mlp = Mlp(n_dir * cfg.hidden, cfg.hidden, cfg.n_outputs, cfg.dropout)
-
-    @property
-    def inputs(self) -> dict[str, int]:
-        return dict(self.config.feature_dims)
-
-    @property
-    def level(self) -> str:
-        return self.config.level
 
     def forward(self, batch: dict[str, Tensor], return_attention: bool = False):
         """Classify.

@@ -42,9 +42,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import Head
 from .blocks import ClassAttention, Mlp
-from .timesformer import LN_EPS, SpaceTimeBlock, SpaceTimeEmbedding, frame_attention, patch_grid
+from .timesformer import LN_EPS, PatchTokenHead, SpaceTimeBlock, SpaceTimeEmbedding, frame_attention, patch_grid
 
 __all__ = ["ClassAttentionLayer", "Mevit", "MevitConfig"]
 
@@ -140,7 +139,7 @@ class MevitConfig:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
 
 
-class Mevit(Head):
+class Mevit(PatchTokenHead):
     """MEViT head over per-frame patch tokens; see the module docstring.
 
     Args:
@@ -167,14 +166,6 @@ class Mevit(Head):
         )
         self.norm = nn.LayerNorm(d, eps=LN_EPS)
         self.head = nn.Linear(d, cfg.n_outputs)
-
-    @property
-    def inputs(self) -> dict[str, tuple[int, int]]:
-        return {self.config.feature: (self.config.n_patches, self.config.feature_dim)}
-
-    @property
-    def level(self) -> str:
-        return "frame"
 
     def forward(self, batch: dict[str, Tensor], return_attention: bool = False):
         """Classify a batch of frame sequences.

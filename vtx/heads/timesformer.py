@@ -295,7 +295,19 @@ class TimeSformerConfig:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
 
 
-class TimeSformer(Head):
+class PatchTokenHead(Head):
+    """Heads over one frame-level patch-token feature (``config.feature``, ``(n_patches, dim)``)."""
+
+    @property
+    def inputs(self) -> dict[str, tuple[int, int]]:
+        return {self.config.feature: (self.config.n_patches, self.config.feature_dim)}
+
+    @property
+    def level(self) -> str:
+        return "frame"
+
+
+class TimeSformer(PatchTokenHead):
     """TimeSformer head over per-frame patch tokens; see the module docstring.
 
     Args:
@@ -316,14 +328,6 @@ class TimeSformer(Head):
         )
         self.norm = nn.LayerNorm(d, eps=LN_EPS)
         self.head = nn.Linear(d, cfg.n_outputs)
-
-    @property
-    def inputs(self) -> dict[str, tuple[int, int]]:
-        return {self.config.feature: (self.config.n_patches, self.config.feature_dim)}
-
-    @property
-    def level(self) -> str:
-        return "frame"
 
     def forward(self, batch: dict[str, Tensor], return_attention: bool = False):
         """Classify a batch of frame sequences.
