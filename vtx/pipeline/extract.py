@@ -311,13 +311,15 @@ def decode_video(job: _Job, preps: dict[str, Callable], shot_config: ShotConfig,
                        {name: prep(rgb, info.rotation) for name, prep in shot_preps.items()})
             for cut in sorted(cuts):
                 close(cut, buffer.time_of(cut))
+            sampled = want_frames and sampler.take(frame.index, frame.time)
             field_ = None
-            if accumulator is not None or want_residual:
+            # Accumulated motion needs every frame's field; residuals only the sampled ones'.
+            if accumulator is not None or (want_residual and sampled):
                 field_ = motion_io.motion_field(frame.av_frame.side_data.get("MOTION_VECTORS"),
                                                 info.width, info.height)
             pict = PICT_TYPES.get(int(frame.av_frame.pict_type), "?")
             accumulated = accumulator.push(field_, pict) if accumulator is not None else None
-            if want_frames and sampler.take(frame.index, frame.time):
+            if sampled:
                 index = len(frames)
                 frames.append(frame.index)
                 frame_times.append(frame.time)
