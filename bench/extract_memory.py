@@ -39,10 +39,11 @@ from _common import machine_info, make_video, verdict  # noqa: E402
 TARGET = 1.2
 BASELINE_CODE = """
 import sys
-from vtx.pipeline.backbones import load_backbone, resolve_device
+from vtx.features import parse_features
+from vtx.pipeline.backbones import load_backbones, resolve_device
 import vtx.pipeline.extract  # everything extract imports (torch, PyAV, OpenCV, h5py, scenedetect)
 device = resolve_device(sys.argv[1])
-models = [load_backbone(f, "random", device=device) for f in sys.argv[2].split(",")]
+models = load_backbones(parse_features(sys.argv[2]), "random", device=device)
 """
 
 

@@ -15,14 +15,14 @@ model
 extract
     ``vtx.pipeline.extract.extract`` in this process, with ``weights="random"``, one worker, no
     progress bars, a fresh HDF5 file: its ``wall_s``. That includes loading the backbones; the
-    load time is recorded inside the same call (by wrapping ``load_backbone``) so the ratio is
-    reported both without it and with it (then added to the baseline as well). Where extract
-    has its internal ``_run_model``, the time the main thread spends in model batches is
-    recorded as well (the rest of ``wall_s`` is waiting for the decode thread, and overhead).
+    load time is recorded by the same call (``ExtractSummary.load_s``) so the ratio is reported
+    both without it and with it (then added to the baseline as well). The time the main thread
+    spends in model batches is recorded through extract's public timing hook (``on_batch``);
+    the rest of ``wall_s`` is waiting for the decode thread, and overhead.
 producer (for diagnosis, not part of the ratio)
-    ``vtx.pipeline.extract.decode_video``, the per-video loop of the decode thread (decode, RGB
-    conversion, shot detection, the per-feature resize/crop, shot buffering), with the shots
-    thrown away: what the decode thread costs without the models running beside it.
+    ``vtx.pipeline.producer.VideoProducer``, the per-video loop of the decode thread (decode,
+    RGB conversion, shot detection, the per-feature resize/crop, shot buffering), with the
+    shots thrown away: what the decode thread costs without the models running beside it.
 
 The figure of merit is ``extract / (decode + model)``, target <= 1.10 on CPU.
 
@@ -70,57 +70,61 @@ def time_decode(path: Path) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
-def time_producer(path: Path, backbones: dict) -> tuple[float, int, int]:
+def time_producer(path: Path, specs: tuple, backbones: dict) -> tuple[float, int, int]:
     """Seconds of extract's per-video decode loop with its output discarded; (s, frames, shots).
 
-    Uses extract's internal ``decode_video``/``_Job``; only the message that ends the video is
+    Runs :class:`vtx.pipeline.producer.VideoProducer`; only the message that ends the video is
     looked at (its shot table), everything else is dropped.
     """
-    from vtx.pipeline import extract as ex
+    from vtx.pipeline.producer import VideoDone, VideoJob, VideoProducer
     from vtx.pipeline.shots import ShotConfig
 
-    preps = {name: bb.prep for name, bb in backbones.items()}
-    job = ex._Job(0, path, path.name, "bench", tuple(backbones), replace=True)
+    preps = {key: bb.prep for key, bb in backbones.items() if bb.prep is not None}
+    job = VideoJob(0, path, path.name, "bench", specs, replace=True)
     done: list = []
 
     def emit(msg) -> None:
-        if isinstance(msg, ex._VideoDone):
+        if isinstance(msg, VideoDone):
             done.append(msg)
 
     t0 = time.perf_counter()
-    ex.decode_video(job, preps, ShotConfig(), emit)
+    VideoProducer(job, preps, ShotConfig(), emit).run()
     seconds = time.perf_counter() - t0
     msg = done[-1]
-    shots = msg.shots if hasattr(msg, "shots") else msg.fixed["shots"]
-    return seconds, int(msg.attrs["n_frames"]), len(shots)
+    return seconds, int(msg.attrs["n_frames"]), len(msg.fixed["shots"])
+
+
+def model_name(bb) -> str:
+    """A backbone's features, for the report (``vit+vit_patches`` share one run)."""
+    return "+".join(bb.features)
 
 
 def model_batches(backbones: dict, n_shots: int, batch_size: int) -> dict:
-    """Per feature: the list of batch sizes extract runs for ``n_shots`` shots, and one random
+    """Per model run: the list of batch sizes extract runs for ``n_shots`` shots, and one random
     uint8 input per distinct size (the compute does not depend on the values)."""
     import numpy as np
     import torch
 
     rng = np.random.default_rng(0)
     out = {}
-    for name, bb in backbones.items():
+    for key, bb in backbones.items():
         sizes = [min(batch_size, n_shots - i) for i in range(0, n_shots, batch_size)]
         h, w = bb.prep.crop_size
-        inputs = {b: torch.from_numpy(rng.integers(0, 256, (b, bb.spec.clip_len, h, w, 3),
+        inputs = {b: torch.from_numpy(rng.integers(0, 256, (b, bb.clip_len, h, w, 3),
                                                    dtype=np.uint8))
                   for b in set(sizes)}
-        out[name] = (sizes, inputs)
+        out[key] = (sizes, inputs)
     return out
 
 
 def time_model(backbones: dict, batches: dict) -> dict[str, float]:
-    """Seconds per feature to run the batches through the backbones (host to host)."""
+    """Seconds per model run to run the batches through the backbones (host to host)."""
     import torch
 
     times = {}
-    for name, bb in backbones.items():
-        sizes, inputs = batches[name]
-        device = bb.mean.device
+    for key, bb in backbones.items():
+        sizes, inputs = batches[key]
+        device = bb.device
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -128,52 +132,28 @@ def time_model(backbones: dict, batches: dict) -> dict[str, float]:
             out = bb(inputs[b].to(device, non_blocking=True))
             for v in (out.values() if isinstance(out, dict) else [out]):
                 v.cpu().numpy()
-        times[name] = time.perf_counter() - t0
+        times[model_name(bb)] = time.perf_counter() - t0
     return times
 
 
-def time_extract(path: Path, out: Path, features: tuple[str, ...], device: str,
-                 batch_size: int, progress: bool) -> dict:
-    """One in-process ``extract``: wall time, model-load time inside it, shots."""
-    import vtx.pipeline.extract as ex
+def time_extract(path: Path, out: Path, features: tuple, device: str, batch_size: int,
+                 progress: bool) -> dict:
+    """One in-process ``extract``: wall time, model-load time inside it (``summary.load_s``),
+    time in model batches (the ``on_batch`` hook), shots."""
+    from vtx.pipeline.extract import ExtractConfig, extract
 
-    loads: list[float] = []
     batches: list[float] = []
-    original = ex.load_backbone
-    original_batch = getattr(ex, "_run_model", None)  # internal; timed only where it exists
-
-    def timed_load(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            loads.append(time.perf_counter() - t0)
-
-    def timed_batch(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return original_batch(*args, **kwargs)
-        finally:
-            batches.append(time.perf_counter() - t0)
-
-    config = ex.ExtractConfig(videos=path, out=out, features=features, device=device,
-                              weights="random", batch_size=batch_size, workers=1,
-                              progress=progress, overwrite=True)
-    ex.load_backbone = timed_load
-    if original_batch is not None:
-        ex._run_model = timed_batch
+    config = ExtractConfig(videos=path, out=out, features=features, device=device,
+                           weights="random", batch_size=batch_size, workers=1,
+                           progress=progress, overwrite=True)
     try:
-        summary = ex.extract(config, log=log)
+        summary = extract(config, log=log, on_batch=lambda key, n, s: batches.append(s))
     finally:
-        ex.load_backbone = original
-        if original_batch is not None:
-            ex._run_model = original_batch
         out.unlink(missing_ok=True)
     if summary.failed:
         raise SystemExit(f"extract failed on {path}: {summary.failures}")
-    return {"wall_s": summary.wall_s, "load_s": sum(loads), "shots": summary.shots,
-            "video_seconds": summary.video_seconds,
-            "batches_s": sum(batches) if original_batch is not None else None}
+    return {"wall_s": summary.wall_s, "load_s": summary.load_s, "shots": summary.shots,
+            "video_seconds": summary.video_seconds, "batches_s": sum(batches)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -202,9 +182,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from vtx.pipeline.backbones import load_backbone, resolve_device
+    from vtx.features import parse_features
+    from vtx.pipeline.backbones import load_backbones, resolve_device
 
-    features = tuple(f.strip() for f in args.features.split(",") if f.strip())
+    features = parse_features(args.features)
     device = resolve_device(args.device)
     own_tmp = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="vtx-bench-")) if own_tmp else args.workdir
@@ -222,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
                 raise SystemExit(f"no such video: {video}")
 
         t0 = time.perf_counter()
-        backbones = {f: load_backbone(f, "random", device=device) for f in features}
+        backbones = load_backbones(features, "random", device=device)
         standalone_load_s = time.perf_counter() - t0
 
         rec: dict[str, list] = {"decode": [], "producer": [], "model": [], "extract": [],
@@ -246,13 +227,13 @@ def main(argv: list[str] | None = None) -> dict:
             rec["loadavg"].append(os.getloadavg()[0])
             s, frames = measure("decode", lambda: time_decode(video))
             rec["decode"].append(s)
-            s, _, shots = measure("producer", lambda: time_producer(video, backbones))
+            s, _, shots = measure("producer", lambda: time_producer(video, features, backbones))
             rec["producer"].append(s)
             if batches is None:
                 batches = model_batches(backbones, shots, args.batch_size)
-                for name, (sizes, inputs) in batches.items():  # warm up every input shape
+                for key, (sizes, inputs) in batches.items():  # warm up every input shape
                     for b in inputs:
-                        backbones[name](inputs[b].to(device))
+                        backbones[key](inputs[b].to(device))
             rec["model"].append(measure("model", lambda: time_model(backbones, batches)))
             e = measure("extract", lambda: time_extract(
                 video, workdir / "bench_feats.h5", features, str(device), args.batch_size,
@@ -276,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_s = rec["extract_load"][i_ext]
     ratio_no_load = (extract_s - load_s) / (decode_s + model_s)
     ratio_with_load = extract_s / (decode_s + model_s + load_s)
-    per_feature = {f: best([m[f] for m in rec["model"]]) for f in features}
+    per_feature = {f: best([m[f] for m in rec["model"]]) for f in rec["model"][0]}
     result = {
         "benchmark": "extract_speed",
         "video": video_desc,
@@ -285,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
         "video_seconds": video_seconds,
         "device": str(device),
         "batch_size": args.batch_size,
-        "features": list(features),
+        "features": [s.name for s in features],
         "weights": "random",
         "repeats": args.repeats,
         "best_s": {
@@ -336,7 +317,7 @@ def summary(r: dict, rec: dict, model_totals: list[float]) -> str:
         ("  of which model load", b["extract_model_load"], "", ""),
         ("  of which model batches", b["extract_model_batches"] or float("nan"), "",
          "main thread inside the models"),
-        ("producer (decode_video, no models)", b["producer"], spread(rec["producer"]),
+        ("producer (VideoProducer, no models)", b["producer"], spread(rec["producer"]),
          "diagnostic"),
     ]
     lines = [

@@ -1,9 +1,9 @@
 """Cost of each stage-1 feature: compute in ms per video-second, disk per video-minute
 (a benchmark, not a test).
 
-For each feature, ``vtx extract --features F`` runs alone on the same video into a fresh cache,
-with models loaded beforehand so load time is excluded. The baseline is the same one-pass decode
-with shot detection only (no feature); "marginal" is a feature's time above that baseline.
+For each feature, ``vtx extract --features F`` runs alone on the same video into a fresh cache;
+the models' load time (``ExtractSummary.load_s``) is excluded. The baseline is the same one-pass
+decode with shot detection only (no feature); "marginal" is a feature's time above that baseline.
 Disk is the HDF5 storage size of each dataset divided by the video's minutes.
 
 Usage:  python bench/feature_costs.py [VIDEO] [--seconds 60] [--frame-rate 1] [--json]
@@ -19,25 +19,28 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import FPS, SIZE, machine_info, shot_plan  # noqa: E402
 
 from vtx.io.cache import video_key  # noqa: E402
-from vtx.pipeline import extract as ex  # noqa: E402
-from vtx.pipeline.backbones import load_backbone  # noqa: E402
+from vtx.io.reader import CacheReader  # noqa: E402
+from vtx.features import parse_features  # noqa: E402
+from vtx.pipeline.backbones import load_backbones  # noqa: E402
+from vtx.pipeline.extract import ExtractConfig, extract  # noqa: E402
+from vtx.pipeline.producer import VideoJob, VideoProducer  # noqa: E402
 from vtx.pipeline.sampling import FrameSampling  # noqa: E402
+from vtx.pipeline.shots import ShotConfig  # noqa: E402
 
 FEATURES = ("resnet18", "r2plus1d", "vit", "vit_patches", "vggish", "motion", "residual")
 
 
 def baseline_seconds(video: Path) -> float:
     """Decode + RGB conversion + shot detection, the part every feature shares."""
-    job = ex._Job(0, video, video.name, video_key(video.name), (), replace=True)
+    job = VideoJob(0, video, video.name, video_key(video.name), (), replace=True)
     t0 = time.perf_counter()
-    ex.decode_video(job, {}, ex.ShotConfig(), lambda msg: None)
+    VideoProducer(job, {}, ShotConfig(), lambda msg: None).run()
     return time.perf_counter() - t0
 
 
@@ -60,27 +63,23 @@ def main() -> None:
             shot_plan(args.seconds))]
         write_video(video, shots, size=SIZE, fps=FPS, audio=True)
     # Warm the model cache (random weights: same compute as official ones).
-    for m in ("resnet18", "r2plus1d", "vit", "vggish"):
-        load_backbone(m, "random")
+    load_backbones(parse_features("resnet18,r2plus1d,vit,vggish"), "random")
     base = baseline_seconds(video)
     rows = []
     duration = None
     for feat in FEATURES:
         out = tmp / f"{feat}.h5"
-        cfg = ex.ExtractConfig(videos=video, out=out, features=(feat,), weights="random",
-                               device=args.device, progress=False,
-                               frames=FrameSampling(frame_rate=args.frame_rate))
-        t_load = time.perf_counter()
-        for m in ex._Job(0, video, "", "", (feat,), True).models:
-            load_backbone(m, "random", patches=feat == "vit_patches")
-        load = time.perf_counter() - t_load
-        s = ex.extract(cfg, log=lambda m: None)
-        seconds = max(s.wall_s - load, 1e-9)
-        with h5py.File(out) as f:
-            g = next(iter(f["videos"].values()))
-            duration = float(g.attrs["duration_s"])
-            sizes = {n: d.id.get_storage_size() for n, d in g.items()
-                     if n in ex.FEATURE_DATASETS[feat]}
+        cfg = ExtractConfig(videos=video, out=out, features=(feat,), weights="random",
+                            device=args.device, progress=False,
+                            frames=FrameSampling(frame_rate=args.frame_rate))
+        s = extract(cfg, log=lambda m: None)
+        seconds = max(s.wall_s - s.load_s, 1e-9)  # model load excluded
+        datasets = parse_features(feat)[0].dataset_names
+        with CacheReader(out) as cache:
+            info = next(cache.videos())
+            duration = float(info.attrs["duration_s"])
+            sizes = {n: cache.storage_bytes(info.key, n) for n in info.datasets
+                     if n in datasets}
         rows.append({"feature": feat, "seconds": seconds,
                      "ms_per_video_s": 1000 * seconds / duration,
                      "marginal_ms_per_video_s": 1000 * (seconds - base) / duration,

@@ -24,13 +24,18 @@ OFFICIAL_FILES = {
     "vggish-10086976.pth": ("vtx.pipeline.vggish", "VGGish"),
 }
 PCA_FILE = "vggish_pca_params-970ea276.pth"
+# Official files of the torchvision models the tv: feature tests use (written on demand).
+TV_FILES = {
+    "mobilenet_v3_small-047dcff4.pth": ("torchvision.models", "mobilenet_v3_small"),
+    "r3d_18-b3b3357e.pth": ("torchvision.models.video", "r3d_18"),
+}
 
 
 def write_official_weights(checkpoints: Path, names=None) -> None:
     import importlib
 
     checkpoints.mkdir(parents=True, exist_ok=True)
-    for fname, (module, builder) in OFFICIAL_FILES.items():
+    for fname, (module, builder) in {**OFFICIAL_FILES, **TV_FILES}.items():
         if names is not None and fname not in names:
             continue
         if not (checkpoints / fname).exists():
@@ -49,7 +54,7 @@ def write_official_weights(checkpoints: Path, names=None) -> None:
 def torch_home(tmp_path_factory) -> Path:
     """A TORCH_HOME with every official weight file this suite needs (random values)."""
     home = tmp_path_factory.mktemp("torch_home")
-    write_official_weights(home / "hub" / "checkpoints")
+    write_official_weights(home / "hub" / "checkpoints", names=set(OFFICIAL_FILES) | {PCA_FILE})
     old = os.environ.get("TORCH_HOME")
     os.environ["TORCH_HOME"] = str(home)
     yield home
@@ -57,6 +62,13 @@ def torch_home(tmp_path_factory) -> Path:
         os.environ.pop("TORCH_HOME", None)
     else:
         os.environ["TORCH_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def tv_weights(torch_home) -> Path:
+    """The official file names of the tv: test models, with random values, in TORCH_HOME."""
+    write_official_weights(torch_home / "hub" / "checkpoints", names=set(TV_FILES))
+    return torch_home
 
 
 @pytest.fixture(scope="session")

@@ -17,10 +17,12 @@ import pytest
 from conftest import vtx_env
 from vtx import SCHEMA_VERSION, __version__
 from vtx.errors import CacheInUse, CacheMismatch
+from vtx.features import FEATURES
 from vtx.io import cache as cache_mod
 from vtx.io.cache import CacheWriter, video_key
 from vtx.io.synth import Shot, write_bad_inputs, write_video
 from vtx.pipeline import extract as extract_mod
+from vtx.pipeline import producer as producer_mod
 from vtx.pipeline.extract import ExtractConfig, extract
 from vtx.pipeline.shots import ShotConfig
 
@@ -98,8 +100,8 @@ def test_added_feature_is_computed_alone_in_one_pass(synth_dir, tmp_path, monkey
     assert not any(k.endswith("r2plus1d") for k in first)
 
     opened, detectors, preps = [], [], []
-    real_reader, real_detector, real_decode = (extract_mod.VideoReader, extract_mod.ShotDetector,
-                                               extract_mod.decode_video)
+    real_reader, real_detector, real_run = (producer_mod.VideoReader, producer_mod.ShotDetector,
+                                            producer_mod.VideoProducer.run)
 
     def counting_reader(path, *a, **k):
         opened.append(Path(path).name)
@@ -109,18 +111,18 @@ def test_added_feature_is_computed_alone_in_one_pass(synth_dir, tmp_path, monkey
         detectors.append(1)
         return real_detector(*a, **k)
 
-    def spy_decode(job, job_preps, *a, **k):
-        preps.append(sorted(job_preps))
-        return real_decode(job, job_preps, *a, **k)
+    def spy_run(producer):
+        preps.append(sorted(producer.preps))
+        return real_run(producer)
 
-    monkeypatch.setattr(extract_mod, "VideoReader", counting_reader)
-    monkeypatch.setattr(extract_mod, "ShotDetector", counting_detector)
-    monkeypatch.setattr(extract_mod, "decode_video", spy_decode)
+    monkeypatch.setattr(producer_mod, "VideoReader", counting_reader)
+    monkeypatch.setattr(producer_mod, "ShotDetector", counting_detector)
+    monkeypatch.setattr(producer_mod.VideoProducer, "run", spy_run)
     s = run(synth_dir, out, features=("resnet18", "r2plus1d"), dtype="float32")
     assert s.done == 3
     assert sorted(opened) == ["a.mp4", "b.mp4", "c.mp4"]  # one decode per video
     assert detectors == []  # stored shots are reused, not re-detected
-    assert preps == [["r2plus1d"]] * 3  # only the missing feature is computed
+    assert preps == [[FEATURES["r2plus1d"].model_key]] * 3  # only the missing feature
     second = datasets(out)
     for k, v in first.items():
         assert np.array_equal(second[k], v), k

@@ -13,6 +13,7 @@ import torch
 from conftest import vtx_env
 from test_train import make_cache
 from vtx.train.checkpoint import load_checkpoint, read_checkpoint
+from vtx.train.distributed import Dist, all_mean, broadcast, epoch_seed, has_unused_parameters
 
 
 def test_train_head_under_torchrun_with_two_cpu_processes(tmp_path):
@@ -43,3 +44,32 @@ def test_train_head_under_torchrun_with_two_cpu_processes(tmp_path):
     assert best["epoch"] == max(r["epoch"] for r in lines if r["best"])
     assert not any(k.startswith("module.") for k in best["state_dict"])  # unwrapped from DDP
     assert all(torch.isfinite(v).all() for v in best["state_dict"].values())
+
+
+def test_has_unused_parameters_finds_parameters_without_gradients():
+    class TwoBranches(torch.nn.Module):
+        def __init__(self, use_second: bool):
+            super().__init__()
+            self.use_second = use_second
+            self.a, self.b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            y = torch.nn.functional.dropout(self.a(x), 0.5)
+            return y + self.b(x) if self.use_second else y
+
+    x = torch.randn(4, 3)
+    unused, used = TwoBranches(use_second=False), TwoBranches(use_second=True)
+    state = torch.get_rng_state()
+    assert has_unused_parameters(unused, x)
+    assert not has_unused_parameters(used, x)
+    assert all(p.grad is None for p in used.parameters())   # the probe leaves no gradients
+    assert torch.equal(torch.get_rng_state(), state)        # nor any trace in the RNG (dropout)
+
+
+def test_collectives_are_the_identity_on_one_process():
+    d = Dist()
+    assert not d.enabled and d.main
+    assert all_mean(d, 6.0, 4, torch.device("cpu")) == 1.5
+    assert all_mean(d, 0.0, 0, torch.device("cpu")) == 0.0
+    assert broadcast(d, (3, None)) == (3, None)
+    assert epoch_seed(0, 1, 0) != epoch_seed(0, 1, 1) != epoch_seed(0, 2, 1)

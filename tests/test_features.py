@@ -17,6 +17,7 @@ from torchvision import models
 from torchvision.models import video as video_models
 
 from vtx.errors import WeightsUnavailable
+from vtx.features import FEATURES
 from vtx.io.decode import rotate
 from vtx.pipeline.backbones import FramePrep, load_backbone, sample_indices
 
@@ -56,7 +57,8 @@ def reference_features(cache, media, name):
     with h5py.File(cache) as f, torch.no_grad():
         for key, g in f["videos"].items():
             shots = g["shots"][()]
-            idx = {s: [int(i) for i in sample_indices(name, s, e)] for s, e in shots}
+            idx = {s: [int(i) for i in sample_indices(FEATURES[name].clip_len, s, e)]
+                   for s, e in shots}
             frames = decode_frames(media / g.attrs["path"], {i for v in idx.values() for i in v})
             for j, (s, _) in enumerate(shots):
                 clip = torch.stack([frames[i] for i in idx[s]]).permute(0, 3, 1, 2)  # (T,C,H,W)

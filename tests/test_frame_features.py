@@ -236,11 +236,11 @@ def test_adding_a_frame_feature_computes_only_it(av_dir, tmp_path, monkeypatch):
     with h5py.File(out) as f:
         before = {k: f["videos"][k]["motion"][()] for k in f["videos"]}
         frames = {k: f["videos"][k]["frames"][()] for k in f["videos"]}
-    from vtx.pipeline import extract as extract_mod
+    from vtx.pipeline.producer import VideoProducer
     jobs = []
-    real = extract_mod.decode_video
-    monkeypatch.setattr(extract_mod, "decode_video",
-                        lambda job, *a, **k: (jobs.append(job.features), real(job, *a, **k))[1])
+    real = VideoProducer.run
+    monkeypatch.setattr(VideoProducer, "run", lambda p: (
+        jobs.append(tuple(s.name for s in p.job.features)), real(p))[1])
     s = run(av_dir, out, features=("resnet18", "motion", "vit"),
             frames=FrameSampling(frame_rate=2.0))
     assert s.done == 2 and jobs == [("vit",), ("vit",)]

@@ -261,7 +261,8 @@ def test_default_features_dims_and_level(name, cfg, inputs, level):
 # --- shared blocks ----------------------------------------------------------------------------
 
 
-def test_attention_matches_torch_multihead_attention():
+def attention_and_torch_reference() -> tuple[MultiHeadSelfAttention, nn.MultiheadAttention]:
+    """Our attention and ``nn.MultiheadAttention`` with the same weights."""
     torch.manual_seed(0)
     ours = MultiHeadSelfAttention(16, 4).eval()
     ref = nn.MultiheadAttention(16, 4, batch_first=True).eval()
@@ -269,11 +270,31 @@ def test_attention_matches_torch_multihead_attention():
     ref.in_proj_bias.data.copy_(ours.qkv.bias)
     ref.out_proj.weight.data.copy_(ours.proj.weight)
     ref.out_proj.bias.data.copy_(ours.proj.bias)
+    return ours, ref
+
+
+def test_attention_matches_torch_multihead_attention():
+    ours, ref = attention_and_torch_reference()
     x = torch.randn(2, 9, 16)
     mask = torch.arange(9)[None] < torch.tensor([[9], [4]])
     want, want_w = ref(x, x, x, key_padding_mask=~mask, average_attn_weights=False)
     fast, _ = ours(x, mask)
     slow, weights = ours(x, mask, return_attention=True)
+    torch.testing.assert_close(fast, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(slow, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weights, want_w, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_attention_takes_a_general_mask_like_torch(kind):
+    ours, ref = attention_and_torch_reference()
+    x = torch.randn(2, 6, 16)
+    keys = torch.tensor([[1] * 6, [1] * 4 + [0] * 2]).bool()
+    causal = torch.ones(6, 6).tril().bool()  # True: may attend
+    want, want_w = ref(x, x, x, key_padding_mask=~keys, attn_mask=~causal, average_attn_weights=False)
+    mask = causal if kind == "bool" else torch.zeros(6, 6).masked_fill(~causal, float("-inf"))
+    fast, _ = ours(x, keys, attn_mask=mask)
+    slow, weights = ours(x, keys, return_attention=True, attn_mask=mask)
     torch.testing.assert_close(fast, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(slow, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(weights, want_w, atol=1e-6, rtol=1e-5)

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 
-import h5py
 import numpy as np
 import pytest
 import torch
 
 from vtx.heads import HEADS, build_head
-from vtx.heads.blocks import ClassAttention, MultiHeadSelfAttention
-from vtx.heads.timesformer import SpaceTimeBlock
-from vtx.train.dataset import _read_tokens, collate
+from vtx.heads.blocks import ClassAttention, MultiHeadSelfAttention, SpaceTimeBlock
+from vtx.train.dataset import collate
+from vtx.train.tokens import align_tokens
 
 D, H, N, T, F_IN = 32, 2, 16, 4, 24  # width, heads, 4x4 patches, frames, cached token width
 TINY = dict(n_outputs=3, d_model=D, n_heads=H, depth=2, feature_dim=F_IN, n_patches=N, n_frames=T)
@@ -143,7 +142,7 @@ def test_input_stats_broadcast_over_patches():
     state = head.state_dict()
     fresh = build_head("timesformer", **TINY)
     fresh.load_state_dict(state)
-    assert fresh._norm_mean__vit_patches.shape == (N, F_IN)
+    assert fresh.state_dict()["_norm_mean__vit_patches"].shape == (N, F_IN)
 
 
 # --- the Hugging Face oracle -------------------------------------------------------------------
@@ -275,24 +274,21 @@ def test_class_attention_layers_update_cls_only_and_cls_enters_late():
 
 
 def test_dataset_keeps_patch_rows_shaped_and_collate_pads_them():
-    with h5py.File("mem.h5", "w", driver="core", backing_store=False) as f:
-        g = f.create_group("v")
-        g["frames"] = np.arange(5) * 10
-        g["vit_patches"] = np.random.rand(5, 6, 8).astype(np.float16)
-        g["vit_patches"].attrs["dim"] = 8
-        g["motion"] = np.random.rand(5, 2, 3, 3).astype(np.float32)
-        g["motion"].attrs["dim"] = 18
-        tok = _read_tokens(g, "v.mp4", ("vit_patches", "motion"), "frame", {})
-        assert tok["vit_patches"].shape == (5, 6, 8) and tok["motion"].shape == (5, 18)
-        shaped = _read_tokens(g, "v.mp4", ("motion",), "frame", {}, {"motion": (2, 3, 3)})
-        assert shaped["motion"].shape == (5, 2, 3, 3)
-        with pytest.raises(Exception, match=r"rows of shape \(2, 3, 3\) but the head reads \(18, 1\)"):
-            _read_tokens(g, "v.mp4", ("motion",), "frame", {}, {"motion": (18, 1)})
-        g["shots"] = np.array([[0, 25], [25, 50]])
-        pooled = _read_tokens(g, "v.mp4", ("vit_patches",), "shot", {})["vit_patches"]
-        rows = g["vit_patches"][()]
-        assert pooled.shape == (2, 6, 8)
-        assert np.allclose(pooled[0], rows[:3].astype(np.float64).mean(0), atol=1e-3)
+    arrays = {"frames": np.arange(5) * 10,
+              "vit_patches": np.random.rand(5, 6, 8).astype(np.float16),
+              "motion": np.random.rand(5, 2, 3, 3).astype(np.float32)}
+    dims = {"vit_patches": 8, "motion": 18}  # the cache's dim attrs
+    tok = align_tokens(arrays, ("vit_patches", "motion"), "frame", dims=dims, video="v.mp4")
+    assert tok["vit_patches"].shape == (5, 6, 8) and tok["motion"].shape == (5, 18)
+    shaped = align_tokens(arrays, ("motion",), "frame", dims=dims, shapes={"motion": (2, 3, 3)})
+    assert shaped["motion"].shape == (5, 2, 3, 3)
+    with pytest.raises(Exception, match=r"rows of shape \(2, 3, 3\) but the head reads \(18, 1\)"):
+        align_tokens(arrays, ("motion",), "frame", dims=dims, shapes={"motion": (18, 1)})
+    arrays["shots"] = np.array([[0, 25], [25, 50]])
+    pooled = align_tokens(arrays, ("vit_patches",), "shot", dims=dims)["vit_patches"]
+    rows = arrays["vit_patches"]
+    assert pooled.shape == (2, 6, 8)
+    assert np.allclose(pooled[0], rows[:3].astype(np.float64).mean(0), atol=1e-3)
     items = [{"tokens": {"vit_patches": torch.from_numpy(tok["vit_patches"][:n])}, "target": torch.zeros(2),
               "index": i} for i, n in enumerate((5, 2))]
     batch = collate(items)

@@ -31,7 +31,8 @@ from vtx.train.dataset import (
     subsample_indices,
 )
 from vtx.train.labels import load_labels
-from vtx.train.trainer import TrainConfig, train_head
+from vtx.train.run_files import read_records, write_records
+from vtx.train.trainer import TrainConfig, build_head_for, param_groups, train_head
 from vtx.errors import UsageError
 
 OFFICIAL = {"resnet18": "ResNet18_Weights.IMAGENET1K_V1",
@@ -508,6 +509,45 @@ def test_deterministic_on_cpu(ml_data, tmp_path):
     r3 = train_head(config(cache, labels, tmp_path / "c", head="stan", epochs=2, seed=1), log=quiet)
     c = read_checkpoint(r3.best_path)
     assert not all(torch.equal(a["state_dict"][k], c["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_param_groups_decay_matrices_but_not_biases_norms_or_class_tokens():
+    head = build_head_for("stan", 3, {"resnet18": 24, "r2plus1d": 20}, STAN_TINY)
+    decay, no_decay = param_groups(head, 0.05)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    named = list(head.named_parameters())
+    cls = {n for n, _ in named if n.startswith("cls.")}  # STAN's class tokens, (1, 1, d) each
+    assert cls and all(p.ndim == 3 for n, p in named if n in cls)
+    assert head.no_weight_decay() == cls
+    want_decay = [p for n, p in named if p.ndim >= 2 and n not in cls]
+    want_rest = [p for n, p in named if not (p.ndim >= 2 and n not in cls)]
+    assert any(p.ndim == 1 for p in want_rest) and want_decay
+    # every parameter exactly once, in named_parameters order
+    assert [id(p) for p in decay["params"]] == [id(p) for p in want_decay]
+    assert [id(p) for p in no_decay["params"]] == [id(p) for p in want_rest]
+
+
+@pytest.mark.parametrize("name,options,field,want", [
+    pytest.param("stan", STAN_TINY, "r2plus1d_dim", 20, id="stan-per-feature-field"),
+    pytest.param("meanpool", MEANPOOL_TINY, "feature_dims", {"resnet18": 24, "r2plus1d": 20},
+                 id="baseline-dict"),
+    pytest.param("vtn", {"feature": "resnet18"}, "feature_dim", 24, id="vtn-its-feature"),
+])
+def test_build_head_for_takes_widths_from_the_cache(name, options, field, want):
+    head = build_head_for(name, 2, {"resnet18": 24, "r2plus1d": 20, "vggish": 7}, options)
+    assert getattr(head.config, field) == want and head.config.n_outputs == 2
+    with pytest.raises(UsageError, match=r"reads \['r2plus1d'\], but the widths given"):
+        build_head_for("stan", 2, {"resnet18": 24}, STAN_TINY)
+
+
+def test_metrics_records_read_back_up_to_an_epoch(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert read_records(path, 5) == []
+    records = [{"epoch": e, "train_loss": 1.0 / e, "best": e == 2} for e in (1, 2, 3)]
+    write_records(path, records)
+    assert read_records(path, 2) == records[:2]   # what a resume from last.pt at epoch 2 keeps
+    assert read_records(path, 9) == records
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary file left
 
 
 # --------------------------------------------------------------------------- CLI

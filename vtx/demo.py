@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import h5py
-
 from vtx.errors import WeightsUnavailable
-from vtx.pipeline.backbones import BACKBONES, fetch_state_dict, get_spec
+from vtx.io.reader import CacheReader
+from vtx.features import FEATURES, weights_member
+from vtx.pipeline.backbones import fetch_state_dict
 from vtx.pipeline.extract import DEFAULT_FEATURES, ExtractConfig, extract
 
 ORDER_LABEL = "chase_before_crash"
@@ -57,8 +57,8 @@ def official_weights_available(features=DEFAULT_FEATURES) -> bool:
     """True when every feature's official weights load (from the hub cache or a download)."""
     try:
         for name in features:
-            spec = get_spec(name)
-            fetch_state_dict(spec.weights_enum[spec.default_weights].url)
+            spec = FEATURES[name]
+            fetch_state_dict(weights_member(spec.builder, spec.weights).url)
     except WeightsUnavailable:
         return False
     return True
@@ -138,10 +138,12 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] | None = None) -> De
 
 def describe_cache(path: Path) -> str:
     lines = [f"[demo] cache {path}:"]
-    with h5py.File(path, "r") as f:
-        for key, g in f["videos"].items():
-            feats = ", ".join(f"{n} {tuple(g[n].shape)}" for n in g if n in BACKBONES)
-            lines.append(f"[demo]   {g.attrs['path']}: {g.attrs['n_frames']} frames, "
-                         f"{g.attrs['duration_s']:.2f} s, {len(g['shots'])} shots; {feats}")
+    with CacheReader(path) as cache:
+        for v in cache.videos():
+            feats = ", ".join(f"{n} {cache.shape(v.key, n)}" for n in v.datasets
+                              if n in FEATURES)
+            lines.append(f"[demo]   {v.path}: {v.attrs['n_frames']} frames, "
+                         f"{v.attrs['duration_s']:.2f} s, {cache.shape(v.key, 'shots')[0]} "
+                         f"shots; {feats}")
     return "\n".join(lines)
 

@@ -42,7 +42,10 @@ def cli() -> None:
               help="HDF5 cache to create or complete, e.g. feats.h5.")
 @click.option("--features", default="resnet18,r2plus1d", show_default=True,
               help="Comma list of features: resnet18, r2plus1d (per shot); vit, vit_patches, "
-                   "motion, residual (per sampled frame); vggish (audio); or all.")
+                   "motion, residual (per sampled frame); vggish (audio); or all. Any "
+                   "torchvision classification model: tv:<builder>[:<WEIGHTS>][@shot|@frame], "
+                   "e.g. tv:convnext_tiny, tv:efficientnet_b0@frame, tv:r3d_18 (16-frame "
+                   "clips; tv:r3d_18@shot:8 for 8). `vtx features` lists them all.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (CUDA when available), cpu, cuda or cuda:N.")
 @click.option("--detector", default="content", show_default=True,
@@ -123,6 +126,39 @@ def extract(videos, out, features, device, detector, threshold, min_shot_len, ma
     else:
         click.echo(summary.line())
     sys.exit(3 if summary.failed else 0)
+
+
+@cli.command("features")
+@click.argument("names", nargs=-1)
+@click.option("--dtype", default="float16", show_default=True,
+              type=click.Choice(["float16", "float32"]),
+              help="Storage type assumed for the bytes per video-minute.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list on stdout.")
+def features_(names, dtype, as_json) -> None:
+    """List every feature `vtx extract --features` takes: the built-ins, then each torchvision
+    classification model as tv:<builder>[@frame]. With NAMES, describe just those.
+
+    Columns: name, row level (shot, frame or audio), row shape, model, weights identity, and
+    uncompressed bytes per video-minute (20 shots a minute, 1 frame per second, one audio
+    example per 0.96 s).
+    """
+    from vtx.features import catalogue, describe, parse_feature
+
+    try:
+        specs = [parse_feature(n) for n in names] if names else catalogue()
+    except VtxError as e:
+        _fail(e)
+    rows = [describe(s, dtype) for s in specs]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    head = ("name", "level", "row shape", "model", "weights", "bytes/min")
+    table = [head] + [(r["name"], r["level"], "x".join(map(str, r["row_shape"])),
+                       str(r["model"] or "codec"), r["weights"], f"{r['bytes_per_minute']:,}")
+                      for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
 @cli.command()

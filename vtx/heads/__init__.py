@@ -2,8 +2,9 @@
 
 One file per paper: ``stan.py`` (STAN, Fish et al. 2022, Section 3), ``vtn.py`` (VTN, Neimark et
 al. 2021, Section 3), ``timesformer.py`` (TimeSformer, Bertasius et al. 2021, Section 3),
-``mevit.py`` (MEViT, Section 3) and ``baselines.py`` (STAN's Table 1); shared layers live in
-``blocks.py``.
+``mevit.py`` (MEViT, Section 3), ``mmvit.py`` (MM-ViT, Chen and Ho 2022, Section 3) and
+``baselines.py`` (STAN's Table 1); shared layers, the space-time ones included, live in
+``blocks.py``, and the config base and the head skeleton in ``base.py``.
 
 The head contract, the same for every head:
 
@@ -19,6 +20,13 @@ The head contract, the same for every head:
 * ``head(batch, return_attention=True)`` returns ``(logits, attn)``, ``attn`` ``(B, L)``: how much
   CLS attends to each token in the last layer, averaged over heads, 0 at padding, rows summing
   to 1 over real tokens.
+* ``head(batch)`` is ``head.forward_head(head.forward_features(batch)[0])`` (timm style):
+  ``forward_features(batch, return_attention)`` returns ``(features, attn)``, the pooled
+  representation (CLS output, pooled tokens, or one per stream) and ``attn`` or None.
+* ``head.no_weight_decay()`` names the parameters with ``ndim >= 2`` that get no weight decay
+  (the CLS tokens).
+* ``config.with_input_widths({feature: D})`` returns a copy of a head config whose features
+  take the given widths (e.g. the cache's); for shaped tokens ``D`` is the last axis.
 * Losses are not part of a head.
 """
 
@@ -26,8 +34,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from torch import nn
-
+from .base import Head, HeadConfig
 from .baselines import LstmHead, MeanPool
 from .mevit import Mevit
 from .mmvit import Mmvit
@@ -37,7 +44,7 @@ from .vtn import Vtn
 
 __all__ = ["HEADS", "build_head", "config_class"]
 
-HEADS: dict[str, type[nn.Module]] = {
+HEADS: dict[str, type[Head]] = {
     "lstm": LstmHead,
     "meanpool": MeanPool,
     "mevit": Mevit,
@@ -48,7 +55,7 @@ HEADS: dict[str, type[nn.Module]] = {
 }
 
 
-def config_class(name: str) -> type:
+def config_class(name: str) -> type[HeadConfig]:
     """Return the config dataclass of head ``name``.
 
     Raises:
@@ -60,7 +67,7 @@ def config_class(name: str) -> type:
     return HEADS[name].Config
 
 
-def build_head(name: str, **config) -> nn.Module:
+def build_head(name: str, **config) -> Head:
     """Build head ``name`` from config keyword arguments.
 
     Args:

@@ -2,7 +2,8 @@
 class attention.
 
 "Motion Enhanced Video Transformer" (``mevit.txt``), Section 3, on the cached ViT patch tokens
-(``vit_patches``) as in ``vtx/heads/timesformer.py`` (same embedding, same blocks):
+(``vit_patches``) as in ``vtx/heads/timesformer.py`` (same embedding, same blocks, both in
+``vtx/heads/blocks.py``):
 
 * "Motion self-attention" (Eq. 8): each frame is cut into non-overlapping ``M x M`` blocks of
   patches (``block_size``; 14 x 14 patches and M = 2 give 7 x 7 blocks of 4) and a patch's
@@ -39,11 +40,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
-from .blocks import ClassAttention, Mlp
-from .timesformer import LN_EPS, PatchTokenHead, SpaceTimeBlock, SpaceTimeEmbedding, frame_attention, patch_grid
+from .base import PatchTokenConfig, PatchTokenHead
+from .blocks import VIT_LN_EPS, ClassAttention, Mlp, SpaceTimeBlock, SpaceTimeEmbedding, SpaceTimeStack, patch_grid
 
 __all__ = ["ClassAttentionLayer", "Mevit", "MevitConfig"]
 
@@ -62,9 +62,9 @@ class ClassAttentionLayer(nn.Module):
 
     def __init__(self, dim: int, n_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm1 = nn.LayerNorm(dim, eps=VIT_LN_EPS)
         self.attn = ClassAttention(dim, n_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm2 = nn.LayerNorm(dim, eps=VIT_LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dim, dropout)
         self.drop = nn.Dropout(dropout)
 
@@ -87,18 +87,13 @@ class ClassAttentionLayer(nn.Module):
 
 
 @dataclass
-class MevitConfig:
-    """Configuration of :class:`Mevit` (see the module docstring for the paper's settings).
+class MevitConfig(PatchTokenConfig):
+    """Configuration of :class:`Mevit` (see the module docstring for the paper's settings): the
+    fields of :class:`~vtx.heads.base.PatchTokenConfig` (``n_outputs``, ``feature``,
+    ``feature_dim``, ``n_patches``, ``n_frames``, ``d_model``, ``n_heads``, ``depth``: the
+    self-attention (SA) blocks), then:
 
     Attributes:
-        n_outputs: Number of logits (labels).
-        feature: Frame-level cache dataset of patch tokens, ``(n_patches, feature_dim)`` per frame.
-        feature_dim: Width of each patch token.
-        n_patches: Patches per frame, a square grid (196 = 14 x 14).
-        n_frames: Rows of the learned time embedding (train with ``--max-tokens n_frames``).
-        d_model: Block width (768 = ViT-B).
-        n_heads: Attention heads (12 = ViT-B).
-        depth: Self-attention (SA) blocks.
         block_size: M: temporal attention spans ``M x M`` patches in every frame (1 = TimeSformer).
         time_layers: L_t: only the last ``time_layers`` SA blocks have temporal attention (0:
             space only); None means all ``depth``.
@@ -108,14 +103,6 @@ class MevitConfig:
         dropout: Dropout on embeddings, residual branches and in the MLP.
     """
 
-    n_outputs: int
-    feature: str = "vit_patches"
-    feature_dim: int = 768
-    n_patches: int = 196
-    n_frames: int = 8
-    d_model: int = 768
-    n_heads: int = 12
-    depth: int = 4
     block_size: int = 2
     time_layers: int | None = None
     class_attention_layers: int = 1
@@ -123,11 +110,8 @@ class MevitConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
-        if self.n_outputs < 1:
-            raise ValueError(f"n_outputs must be >= 1, got {self.n_outputs}")
-        for name in ("feature_dim", "n_patches", "n_frames", "depth", "block_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        super().__post_init__()
+        self.check_positive("block_size")
         side = patch_grid(self.n_patches)[0]
         if self.block_size > side:
             raise ValueError(f"block_size={self.block_size} exceeds the {side} x {side} patch grid")
@@ -135,8 +119,6 @@ class MevitConfig:
             raise ValueError(f"time_layers must be in [0, depth={self.depth}], got {self.time_layers}")
         if self.class_attention_layers < 0:
             raise ValueError(f"class_attention_layers must be >= 0, got {self.class_attention_layers}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
 
 
 class Mevit(PatchTokenHead):
@@ -155,7 +137,7 @@ class Mevit(PatchTokenHead):
         grid = patch_grid(cfg.n_patches)
         time_layers = cfg.depth if cfg.time_layers is None else cfg.time_layers
         self.embed = SpaceTimeEmbedding(cfg.feature_dim, d, cfg.n_patches, cfg.n_frames, dropout=cfg.dropout)
-        self.blocks = nn.ModuleList(
+        self.blocks = SpaceTimeStack(
             SpaceTimeBlock(d, cfg.n_heads, "divided" if i >= cfg.depth - time_layers else "space", grid,
                            cfg.block_size, cfg.mlp_ratio, cfg.dropout)
             for i in range(cfg.depth)
@@ -164,37 +146,20 @@ class Mevit(PatchTokenHead):
             ClassAttentionLayer(d, cfg.n_heads, cfg.mlp_ratio, cfg.dropout)
             for _ in range(cfg.class_attention_layers)
         )
-        self.norm = nn.LayerNorm(d, eps=LN_EPS)
+        self.norm = nn.LayerNorm(d, eps=VIT_LN_EPS)
         self.head = nn.Linear(d, cfg.n_outputs)
 
-    def forward(self, batch: dict[str, Tensor], return_attention: bool = False):
-        """Classify a batch of frame sequences.
-
-        Args:
-            batch: ``{feature: (B, L, n_patches, feature_dim), "mask": (B, L)}``, ``L <= n_frames``.
-            return_attention: Also return CLS attention per frame.
-
-        Returns:
-            Logits ``(B, n_outputs)``; with ``return_attention``, ``(logits, attn)``: ``attn``
-            ``(B, L)`` is CLS's attention in the last layer that updates CLS (the last CA layer,
-            or without CA layers the last SA block's spatial attention, as in TimeSformer),
-            averaged over heads, summed over each frame's patches and normalised to sum to 1
-            over real frames (0 at padding).
-        """
-        feats, mask = self.read_batch(batch)
-        x, cls = self.embed(feats[self.config.feature])  # (B, L, N, d), (B, d)
-        ca = len(self.class_layers)
-        sa_cls = None if ca else cls  # with CA layers, CLS is inserted after the SA blocks
+    def forward_blocks(self, x: Tensor, cls: Tensor, mask: Tensor, return_attention: bool = False
+                       ) -> tuple[Tensor, Tensor | None]:
+        """Run the SA blocks, then the CA layers. ``mass`` is CLS's attention in the last layer
+        that updates CLS (the last CA layer, or without CA layers the last SA block's spatial
+        attention, as in TimeSformer), averaged over heads and summed over each frame's patches.
+        See :meth:`PatchTokenHead.forward_blocks`."""
+        if not self.class_layers:  # CLS runs through the SA blocks, as in TimeSformer
+            _, cls, mass = self.blocks(x, cls, mask, return_attention)
+            return cls, mass
+        x, _, _ = self.blocks(x, None, mask)  # CaiT: CLS is inserted after the SA blocks
         mass = None
-        for i, block in enumerate(self.blocks):
-            last = not ca and i == len(self.blocks) - 1
-            x, sa_cls, mass = block(x, sa_cls, mask, return_attention and last)
-        if ca:
-            for i, layer in enumerate(self.class_layers):
-                cls, mass = layer(cls, x, mask, return_attention and i == ca - 1)
-        else:
-            cls = sa_cls
-        logits = self.head(self.norm(cls))
-        if not return_attention:
-            return logits
-        return logits, frame_attention(mass, mask)
+        for i, layer in enumerate(self.class_layers):
+            cls, mass = layer(cls, x, mask, return_attention and i == len(self.class_layers) - 1)
+        return cls, mass

@@ -60,8 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Head, cls_attention_to_tokens
-from .blocks import Mlp, MultiHeadSelfAttention
+from .base import Head, HeadConfig, normalise_attention
+from .blocks import Mlp, MultiHeadSelfAttention, SpaceTimeStack, masked_mean, time_embedding
 
 __all__ = ["CROSS", "FEATURES", "Mmvit", "MmvitConfig", "MmvitLayer", "ShiftMerge", "flops_configs"]
 
@@ -72,7 +72,7 @@ CROSS = ("merged", "co", "shift-merge")
 
 
 @dataclass
-class MmvitConfig:
+class MmvitConfig(HeadConfig):
     """Configuration of :class:`Mmvit`.
 
     Attributes:
@@ -98,7 +98,6 @@ class MmvitConfig:
         dropout: Dropout on the embeddings, the residual branches and inside the MLPs.
     """
 
-    n_outputs: int
     variant: int = 3
     cross: str = "merged"
     order: str = "TMS"
@@ -116,12 +115,9 @@ class MmvitConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
-        if self.n_outputs < 1:
-            raise ValueError(f"n_outputs must be >= 1, got {self.n_outputs}")
-        if self.variant not in (1, 2, 3, 4):
-            raise ValueError(f"variant must be 1, 2, 3 or 4 (MM-ViT I-IV), got {self.variant!r}")
-        if self.cross not in CROSS:
-            raise ValueError(f"cross must be one of {CROSS}, got {self.cross!r}")
+        super().__post_init__()
+        self.check_choice("variant", (1, 2, 3, 4))  # MM-ViT I-IV
+        self.check_choice("cross", CROSS)
         if sorted(self.order) != sorted("TMS"):
             raise ValueError(
                 f"order must be a permutation of 'TMS' (time, cross-modal, space), got {self.order!r}"
@@ -129,12 +125,7 @@ class MmvitConfig:
         mods = self.modalities
         if not mods or any(m not in FEATURES for m in mods) or len(set(mods)) != len(mods):
             raise ValueError(f"modalities must be a non-empty subset of 'IMRA' without repeats, got {mods!r}")
-        if self.depth < 1:
-            raise ValueError(f"depth must be >= 1, got {self.depth}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.n_frames < 1:
-            raise ValueError(f"n_frames must be >= 1, got {self.n_frames}")
+        self.check_positive("depth", "n_frames", "vit_dim", "vggish_dim")
         G = self.motion_grid
         if G < 1 or G * G != self.n_patches:
             raise ValueError(
@@ -165,28 +156,11 @@ class MmvitConfig:
         """Side in pixels of the residual patch that makes one token: ``residual_size / G``."""
         return self.residual_size // self.motion_grid
 
-
-def _co_attention(attn: MultiHeadSelfAttention, x: Tensor) -> Tensor:
-    """Co-attention: every token attends to the *other* tokens of its group, with ``attn``'s weights.
-
-    :class:`MultiHeadSelfAttention` only takes a key-padding mask, and co-attention needs a
-    per-query one (query ``s`` may not see key ``s``), so this applies ``attn.qkv`` and
-    ``attn.proj`` around one masked scaled dot-product.
-
-    Args:
-        attn: The layer's cross-modal attention module.
-        x: ``(G, S, D)``, one group per (frame, position), at least 2 modalities.
-
-    Returns:
-        ``(G, S, D)``.
-    """
-    G, S, D = x.shape
-    qkv = attn.qkv(x).reshape(G, S, 3, attn.n_heads, attn.head_dim)  # (G, S, 3, H, Dh)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (G, H, S, Dh)
-    others = ~torch.eye(S, dtype=torch.bool, device=x.device)  # (S, S) query s sees keys s' != s
-    p_drop = attn.attn_dropout if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=others, dropout_p=p_drop)  # (G, H, S, Dh)
-    return attn.proj(out.transpose(1, 2).reshape(G, S, D))
+    def input_width_fields(self) -> dict[str, str]:
+        """``vit_patches`` (last axis) and ``vggish`` have width fields; ``motion`` ``(2, G, G)``
+        and ``residual`` ``(3, S, S)`` are shaped by ``motion_grid`` and ``residual_size``."""
+        fields = {"I": "vit_dim", "A": "vggish_dim"}
+        return {FEATURES[m]: fields[m] for m in self.modalities if m in fields}
 
 
 class ShiftMerge(nn.Module):
@@ -302,8 +276,9 @@ class MmvitLayer(nn.Module):
         seq = h.transpose(2, 3).reshape(B * T * N, S, D)  # (B T N, S, D)
         if self.config.cross == "merged":
             out, _ = self.attn_cross(seq)  # a frame's tokens are all real or all padding: no mask
-        elif self.config.cross == "co":
-            out = _co_attention(self.attn_cross, seq)
+        elif self.config.cross == "co":  # query s attends to the other modalities' keys s' != s
+            others = ~torch.eye(S, dtype=torch.bool, device=h.device)  # (S, S)
+            out, _ = self.attn_cross(seq, attn_mask=others)
         else:
             out = self.attn_cross(seq)
         return out.view(B, T, N, S, D).transpose(2, 3)  # (B, T, S, N, D)
@@ -355,9 +330,8 @@ class MmvitLayer(nn.Module):
         if self.variant == 1:
             cls_out = out[:, :, 0]  # (B, 1, D)
         else:
-            group_real = mask.repeat_interleave(per_frame, dim=1).float()  # (B, n_groups)
-            cls_out = (out[:, :, 0] * group_real[..., None]).sum(1, keepdim=True)  # (B, 1, D)
-            cls_out = cls_out / group_real.sum(1).clamp_min(1.0)[:, None, None]
+            group_real = mask.repeat_interleave(per_frame, dim=1)  # (B, n_groups)
+            cls_out = masked_mean(out[:, :, 0], group_real)[:, None]  # (B, 1, D)
         tokens = out[:, :, 1:]  # (B, n_groups, n, D)
         if self.variant == 4:
             w = self.space_window
@@ -440,7 +414,7 @@ class Mmvit(Head):
             if param is not None:
                 nn.init.trunc_normal_(param, std=0.02)
         self.embed_drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(MmvitLayer(cfg) for _ in range(cfg.depth))
+        self.layers = SpaceTimeStack(MmvitLayer(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, cfg.n_outputs)
 
@@ -454,6 +428,9 @@ class Mmvit(Head):
     @property
     def level(self) -> str:
         return "frame"
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls"}
 
     def embed_tokens(self, feats: dict[str, Tensor]) -> Tensor:
         """Embed the modalities (Eqs. 1-4) into ``(B, T, S, N, D)``, positions and modality added."""
@@ -477,16 +454,11 @@ class Mmvit(Head):
                 x = x + self.space_pos  # (N, D)
             tokens.append(x)
         x = torch.stack(tokens, dim=2)  # (B, T, S, N, D)
-        T = x.shape[1]
-        if T > cfg.n_frames:
-            raise ValueError(
-                f"{T} frames but the time embedding has n_frames={cfg.n_frames} rows; sample at most "
-                f"{cfg.n_frames} frames or build the head with a larger n_frames"
-            )
-        return x + self.time_pos[:T, None, None, :]  # (B, T, S, N, D)
+        return x + time_embedding(self.time_pos, x.shape[1])[:, None, None, :]  # (B, T, S, N, D)
 
-    def forward(self, batch: dict[str, Tensor], return_attention: bool = False):
-        """Classify a batch of clips.
+    def forward_features(self, batch: dict[str, Tensor], return_attention: bool = False
+                         ) -> tuple[Tensor, Tensor | None]:
+        """CLS after the last layer.
 
         Args:
             batch: ``{feature: (B, T, *shape)}`` for each feature in :attr:`inputs`, plus
@@ -494,24 +466,21 @@ class Mmvit(Head):
             return_attention: Also return CLS attention per frame.
 
         Returns:
-            Logits ``(B, n_outputs)``; with ``return_attention``, ``(logits, attn)``: ``attn``
-            ``(B, T)`` is the last layer's CLS attention to each frame, i.e. for every head the
-            attention of the CLS copies to the frame's tokens summed over its space groups
-            (modalities, windows) and positions, then averaged over heads, 0 at padded frames and
-            renormalised to sum to 1 over real frames (CLS's weight on itself is dropped).
+            ``(cls, attn)``: ``cls`` ``(B, d_model)``; ``attn`` ``(B, T)`` (or None) is the last
+            layer's CLS attention to each frame, i.e. for every head the attention of the CLS
+            copies to the frame's tokens summed over its space groups (modalities, windows) and
+            positions, then averaged over heads, 0 at padded frames and renormalised to sum to 1
+            over real frames (CLS's weight on itself is dropped).
         """
         feats, mask = self.read_batch(batch)
         x = self.embed_drop(self.embed_tokens(feats))  # (B, T, S, N, D)
         cls = self.cls.expand(x.shape[0], -1, -1)  # (B, 1, D)
-        mass = None
-        for i, layer in enumerate(self.layers):
-            last = i == len(self.layers) - 1
-            x, cls, mass = layer(x, cls, mask, return_attention and last)
-        logits = self.head(self.norm(cls[:, 0]))
-        if not return_attention:
-            return logits
-        row = torch.cat([mass.new_zeros(mass.shape[0], mass.shape[1], 1), mass], dim=2)  # (B, H, 1 + T)
-        return logits, cls_attention_to_tokens(row, mask)
+        x, cls, mass = self.layers(x, cls, mask, return_attention)  # mass: (B, H, T)
+        return cls[:, 0], (normalise_attention(mass.mean(1), mask) if return_attention else None)
+
+    def forward_head(self, cls: Tensor) -> Tensor:
+        """Logits ``(B, n_outputs)`` from CLS ``(B, d_model)``."""
+        return self.head(self.norm(cls))
 
 
 def flops_configs() -> list[tuple[str, dict]]:

@@ -26,17 +26,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import Head, cls_attention_to_tokens
+from .base import Head, HeadConfig, cls_attention_to_tokens
 from .blocks import GluMlp, Mlp, SinusoidalPositionalEmbedding, TransformerEncoder
 
-__all__ = ["Stan", "StanConfig"]
+__all__ = ["STREAM_FEATURES", "Stan", "StanConfig"]
 
 STREAMS = ("spatial", "temporal", "both")
 FUSIONS = ("sum", "gated", "concat")
+#: Cache dataset each stream reads; its width is the config field ``<feature>_dim``.
+STREAM_FEATURES = {"spatial": "resnet18", "temporal": "r2plus1d", "audio": "vggish"}
 
 
 @dataclass
-class StanConfig:
+class StanConfig(HeadConfig):
     """Configuration of :class:`Stan`.
 
     Attributes:
@@ -61,7 +63,6 @@ class StanConfig:
         norm_first: Pre-LN encoders instead of the paper's post-LN.
     """
 
-    n_outputs: int
     streams: str = "both"
     fusion: str = "sum"
     lam: float = 0.6
@@ -77,14 +78,19 @@ class StanConfig:
     norm_first: bool = False
 
     def __post_init__(self):
-        if self.n_outputs < 1:
-            raise ValueError(f"n_outputs must be >= 1, got {self.n_outputs}")
-        if self.streams not in STREAMS:
-            raise ValueError(f"streams must be one of {STREAMS}, got {self.streams!r}")
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        super().__post_init__()
+        self.check_choice("streams", STREAMS)
+        self.check_choice("fusion", FUSIONS)
+        self.check_positive("resnet18_dim", "r2plus1d_dim", "vggish_dim", "n_layers")
+
+    @property
+    def stream_names(self) -> tuple[str, ...]:
+        """Active streams in order: spatial and/or temporal, then audio."""
+        names = ("spatial", "temporal") if self.streams == "both" else (self.streams,)
+        return names + (("audio",) if self.audio else ())
+
+    def input_width_fields(self) -> dict[str, str]:
+        return {STREAM_FEATURES[s]: f"{STREAM_FEATURES[s]}_dim" for s in self.stream_names}
 
 
 class Stan(Head):
@@ -100,20 +106,13 @@ class Stan(Head):
         super().__init__()
         self.config = cfg = config
         d = cfg.d_model
-        # stream name -> (cache dataset, feature width, weight in "sum" fusion)
-        table = {
-            "spatial": ("resnet18", cfg.resnet18_dim, 1.0),
-            "temporal": ("r2plus1d", cfg.r2plus1d_dim, cfg.lam),
-            "audio": ("vggish", cfg.vggish_dim, cfg.lam),
-        }
-        names = ["spatial", "temporal"] if cfg.streams == "both" else [cfg.streams]
-        names += ["audio"] if cfg.audio else []
-        self.stream_names = tuple(names)
-        self.stream_features = {s: table[s][0] for s in names}
-        self._inputs = {table[s][0]: table[s][1] for s in names}
-        self.stream_weights = {s: table[s][2] for s in names}
+        names = cfg.stream_names
+        self.stream_names = names
+        self.stream_features = {s: STREAM_FEATURES[s] for s in names}
+        self.stream_weights = {s: 1.0 if s == "spatial" else cfg.lam for s in names}  # in "sum" fusion
+        widths = self.inputs
 
-        self.proj = nn.ModuleDict({s: nn.Linear(table[s][1], d) for s in names})
+        self.proj = nn.ModuleDict({s: nn.Linear(widths[STREAM_FEATURES[s]], d) for s in names})
         self.cls = nn.ParameterDict({s: nn.Parameter(torch.zeros(1, 1, d)) for s in names})
         for p in self.cls.values():
             nn.init.trunc_normal_(p, std=0.02)
@@ -133,25 +132,25 @@ class Stan(Head):
         self.f = GluMlp(d, d, cfg.n_outputs, n_layers=3, dropout=cfg.dropout)
 
     @property
-    def inputs(self) -> dict[str, int]:
-        return dict(self._inputs)
-
-    @property
     def level(self) -> str:
         return "shot"
 
-    def forward(self, batch: dict[str, Tensor], return_attention: bool = False):
-        """Classify a batch of shot sequences.
+    def no_weight_decay(self) -> set[str]:
+        return {f"cls.{s}" for s in self.stream_names}
+
+    def forward_features(self, batch: dict[str, Tensor], return_attention: bool = False
+                         ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Each stream's ``q(Norm(CLS))``.
 
         Args:
             batch: ``{feature: (B, L, D)}`` for each of :attr:`features`, plus ``"mask"`` ``(B, L)``.
             return_attention: Also return CLS attention per shot.
 
         Returns:
-            Logits ``(B, n_outputs)``; with ``return_attention``, ``(logits, attn)`` where
-            ``attn`` ``(B, L)`` is the last layer's CLS attention averaged over heads and then
-            over streams, CLS's weight on itself dropped and each row renormalised to sum to 1
-            over real shots (0 at padding).
+            ``(q_out, attn)``: ``q_out`` ``{stream: (B, d_model)}``; ``attn`` ``(B, L)`` (or None)
+            is the last layer's CLS attention averaged over heads and then over streams, CLS's
+            weight on itself dropped and each row renormalised to sum to 1 over real shots (0 at
+            padding).
         """
         feats, mask = self.read_batch(batch)
         B = mask.shape[0]
@@ -166,11 +165,11 @@ class Stan(Head):
             q_out[s] = self.q(self.cls_norm[s](x[:, 0]))  # (B, d)
             if return_attention:
                 attns.append(cls_attention_to_tokens(w[:, :, 0], mask))  # (B, L)
+        return q_out, (torch.stack(attns).mean(dim=0) if return_attention else None)  # (B, L)
 
-        logits = self.f(self.fuse(q_out))
-        if not return_attention:
-            return logits
-        return logits, torch.stack(attns).mean(dim=0)  # (B, L)
+    def forward_head(self, q_out: dict[str, Tensor]) -> Tensor:
+        """Logits ``(B, n_outputs)``: ``f`` of the fused streams (Eq. 5)."""
+        return self.f(self.fuse(q_out))
 
     def fuse(self, q_out: dict[str, Tensor]) -> Tensor:
         """Fuse the streams' ``q(CLS)`` outputs ``{stream: (B, d)}`` into one normalised ``(B, d)``."""

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Head, cls_attention_to_tokens
+from .base import Head, HeadConfig, cls_attention_to_tokens
 from .blocks import LearnedPositionalEmbedding, Mlp, SinusoidalPositionalEmbedding, TransformerEncoder
 
 __all__ = ["SlidingWindowAttention", "Vtn", "VtnConfig"]
@@ -128,7 +128,7 @@ class SlidingWindowAttention(nn.Module):
 
 
 @dataclass
-class VtnConfig:
+class VtnConfig(HeadConfig):
     """Configuration of :class:`Vtn`.
 
     Attributes:
@@ -147,7 +147,6 @@ class VtnConfig:
         attn_dropout: Dropout on attention probabilities.
     """
 
-    n_outputs: int
     feature: str = "vit"
     feature_dim: int = 768
     d_model: int = 256
@@ -161,14 +160,14 @@ class VtnConfig:
     attn_dropout: float = 0.1
 
     def __post_init__(self):
-        if self.n_outputs < 1:
-            raise ValueError(f"n_outputs must be >= 1, got {self.n_outputs}")
-        if self.pos not in POSITIONS:
-            raise ValueError(f"pos must be one of {POSITIONS}, got {self.pos!r}")
+        super().__post_init__()
+        self.check_choice("pos", POSITIONS)
         if self.window < 2 or self.window % 2:
             raise ValueError(f"window must be an even number >= 2, got {self.window}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        self.check_positive("feature_dim", "n_layers", "max_len")
+
+    def input_width_fields(self) -> dict[str, str]:
+        return {self.feature: "feature_dim"}
 
 
 class Vtn(Head):
@@ -206,25 +205,24 @@ class Vtn(Head):
         self.head = nn.Sequential(nn.LayerNorm(d), Mlp(d, d, cfg.n_outputs, cfg.dropout))
 
     @property
-    def inputs(self) -> dict[str, int]:
-        return {self.config.feature: self.config.feature_dim}
-
-    @property
     def level(self) -> str:
         return "frame"
 
-    def forward(self, batch: dict[str, Tensor], return_attention: bool = False):
-        """Classify a batch of frame sequences.
+    def no_weight_decay(self) -> set[str]:
+        return {"cls"}
+
+    def forward_features(self, batch: dict[str, Tensor], return_attention: bool = False
+                         ) -> tuple[Tensor, Tensor | None]:
+        """CLS after the Longformer encoder.
 
         Args:
             batch: ``{feature: (B, L, feature_dim), "mask": (B, L)}``.
             return_attention: Also return CLS attention per frame.
 
         Returns:
-            Logits ``(B, n_outputs)``; with ``return_attention``, ``(logits, attn)`` where
-            ``attn`` ``(B, L)`` is CLS's global attention in the last layer averaged over heads,
-            CLS's weight on itself dropped and each row renormalised to sum to 1 over real frames
-            (0 at padding).
+            ``(cls, attn)``: ``cls`` ``(B, d_model)``; ``attn`` ``(B, L)`` (or None) is CLS's
+            global attention in the last layer averaged over heads, CLS's weight on itself
+            dropped and each row renormalised to sum to 1 over real frames (0 at padding).
         """
         feats, mask = self.read_batch(batch)
         x = self.proj(feats[self.config.feature])  # (B, L, d)
@@ -233,7 +231,8 @@ class Vtn(Head):
         mask_cls = torch.cat([mask.new_ones(B, 1), mask], dim=1)  # (B, 1 + L)
         x = self.embed_drop(self.embed_norm(self.pos(x)))
         x, w = self.encoder(x, mask_cls, return_attention)  # w: (B, H, 1 + L)
-        logits = self.head(x[:, 0])
-        if not return_attention:
-            return logits
-        return logits, cls_attention_to_tokens(w, mask)
+        return x[:, 0], (cls_attention_to_tokens(w, mask) if return_attention else None)
+
+    def forward_head(self, cls: Tensor) -> Tensor:
+        """Logits ``(B, n_outputs)`` from CLS ``(B, d_model)``: the classification MLP (Section 3.3)."""
+        return self.head(cls)

@@ -1,16 +1,19 @@
 """Frozen backbones that turn sampled frames (or audio) into feature tokens.
 
-* Shot level, STAN (``stan.txt``, section 3): a spatial token, ResNet18 on the shot's center
-  frame, and a temporal token, R(2+1)D-18 on 12 frames spread over the shot (512-d penultimate
-  outputs of torchvision's models).
-* Frame level, VTN / TimeSformer / MEViT (``vtn.txt``, ``timesformer.txt``, ``mevit.txt``):
-  ViT-B/16's CLS token after the final LayerNorm (768-d) and, opt-in, its 14x14 patch tokens.
-* Audio, MM-ViT (``mm-vit.txt``): VGGish embeddings of 0.96 s log-mel examples
-  (:mod:`vtx.pipeline.vggish`).
+What each feature is (model, weights, level, clip length, datasets) lives in the registry,
+:mod:`vtx.features`; this module builds and runs the models the registry names:
 
-Preprocessing is owned by torchvision: the resize and crop geometry, mean and std are read from
-``weights.transforms()`` of the weight enum. For speed, frames are reduced to the model's input
-size as soon as they are decoded (:class:`FramePrep`, OpenCV resize on uint8); the rest of the
+* torchvision classification models, built with ``torchvision.models.get_model`` and loaded from
+  their weights enum; the stored token is the penultimate output (the input of the model's last
+  ``Linear``, which is replaced by ``nn.Identity``). This covers ``resnet18`` and ``r2plus1d``
+  (STAN, ``stan.txt`` section 3), ``vit`` (VTN, ``vtn.txt``) and every ``tv:`` feature.
+* ViT's patch tokens (``vit_patches``, TimeSformer / MEViT / MM-ViT) come from the same encoder
+  run as its CLS token.
+* VGGish embeddings of 0.96 s log-mel examples (``mm-vit.txt``, :mod:`vtx.pipeline.vggish`).
+
+Preprocessing is owned by torchvision: the resize and crop geometry, interpolation, mean and std
+are read from ``weights.transforms()`` of the weight enum. For speed, frames are reduced to the
+model's input size as soon as they are decoded (:class:`FramePrep`, on uint8); the rest of the
 transform (rescale, normalise, layout) runs batched on the model's device.
 
 Weights resolve through the torch hub cache exactly as torchvision does
@@ -20,82 +23,29 @@ Weights resolve through the torch hub cache exactly as torchvision does
 from __future__ import annotations
 
 import urllib.error
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
 import torch
 from torch import nn
-from torchvision import models
 from torchvision.transforms.v2 import functional as TF
-from torchvision.models import video as video_models
 
 from vtx.errors import UsageError, WeightsUnavailable
-from vtx.pipeline.vggish import VGGish
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What a model is: builder, weights, input, sampling level and the datasets it writes."""
-
-    name: str
-    builder: Callable[..., nn.Module]
-    weights_enum: type | None  # torchvision enum; None for VGGish (published port)
-    default_weights: str
-    dim: int
-    clip_len: int  # frames per token: 1 for image models, 0 for audio
-    level: str  # "shot", "frame" or "audio"
-    sampling: str  # human-readable rule, stored in the dataset attrs
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": BackboneSpec(
-        name="resnet18", builder=models.resnet18, weights_enum=models.ResNet18_Weights,
-        default_weights="IMAGENET1K_V1", dim=512, clip_len=1, level="shot",
-        sampling="shot center frame: start + (end - start) // 2",
-    ),
-    "r2plus1d": BackboneSpec(
-        name="r2plus1d", builder=video_models.r2plus1d_18,
-        weights_enum=video_models.R2Plus1D_18_Weights, default_weights="KINETICS400_V1",
-        dim=512, clip_len=12, level="shot",
-        sampling="12 frames per shot at numpy.linspace(start, end - 1, 12).round()",
-    ),
-    "vit": BackboneSpec(
-        name="vit", builder=models.vit_b_16, weights_enum=models.ViT_B_16_Weights,
-        default_weights="IMAGENET1K_V1", dim=768, clip_len=1, level="frame",
-        sampling="sampled frames (see frames / frame_times)",
-    ),
-    "vggish": BackboneSpec(
-        name="vggish", builder=VGGish, weights_enum=None, default_weights="vggish",
-        dim=128, clip_len=0, level="audio",
-        sampling="0.96 s log-mel examples of the 16 kHz mono audio (see vggish_times)",
-    ),
-}
-
-DERIVED = {"vit_patches": "vit"}
-"""Datasets computed by another feature's model: name -> model."""
-
-
-def get_spec(name: str) -> BackboneSpec:
-    try:
-        return BACKBONES[DERIVED.get(name, name)]
-    except KeyError:
-        valid = sorted(set(BACKBONES) | set(DERIVED) | {"motion", "residual"})
-        raise UsageError(f"unknown feature {name!r}; valid features: {', '.join(valid)}, "
-                         f"or all") from None
-
+from vtx.features import FEATURES, FeatureSpec, parse_feature, weights_member
 
 THUMBNAIL = "thumbnail"
 """Pseudo-feature: a small picture of the shot's center frame (for ``vtx predict --explain``)."""
 
 
-def sample_indices(name: str, start: int, end: int) -> np.ndarray:
-    """Decode-order frame indices a shot [start, end) contributes to feature ``name``."""
-    if name == THUMBNAIL or get_spec(name).clip_len == 1:
+def sample_indices(clip_len: int, start: int, end: int) -> np.ndarray:
+    """Decode-order frame indices a shot [start, end) gives a model taking ``clip_len`` frames:
+    the centre frame ``start + (end - start) // 2`` for image models (``clip_len`` 1), else
+    ``numpy.linspace(start, end - 1, clip_len).round()``."""
+    if clip_len <= 1:
         return np.array([start + (end - start) // 2], dtype=np.int64)
-    return np.linspace(start, end - 1, get_spec(name).clip_len).round().astype(np.int64)
+    return np.linspace(start, end - 1, clip_len).round().astype(np.int64)
 
 
 class FramePrep:
@@ -113,6 +63,7 @@ class FramePrep:
             self.crop_size = self.crop_size * 2
         # Image transforms resize with antialiasing, video transforms without.
         self.antialias = bool(getattr(transforms, "antialias", False))
+        self.interpolation = transforms.interpolation
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """Resized (h, w) for a displayed frame of size (h, w), as torchvision computes it."""
@@ -128,13 +79,13 @@ class FramePrep:
         dh, dw = (w, h) if k % 2 else (h, w)  # displayed size
         oh, ow = self.output_size(dh, dw)
         rh, rw = (ow, oh) if k % 2 else (oh, ow)  # resize target in decoded orientation
-        if self.antialias:
-            # torchvision's own antialiased bilinear resize on the uint8 frame: exactly the
-            # weights' transform, and cheaper than OpenCV's INTER_AREA at non-integer ratios.
+        if self.antialias or self.interpolation != TF.InterpolationMode.BILINEAR:
+            # torchvision's own resize on the uint8 frame, with the transform's interpolation:
+            # exactly the weights' transform (and cheaper than OpenCV's INTER_AREA).
             t = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W) uint8
-            small = TF.resize(t, [rh, rw], interpolation=TF.InterpolationMode.BILINEAR,
-                              antialias=True).permute(1, 2, 0).numpy()
-        else:  # torchvision's video transforms resize without antialiasing
+            small = TF.resize(t, [rh, rw], interpolation=self.interpolation,
+                              antialias=self.antialias).permute(1, 2, 0).numpy()
+        else:  # torchvision's video transforms resize bilinearly without antialiasing
             small = cv2.resize(rgb, (rw, rh), interpolation=cv2.INTER_LINEAR)
         if k:
             small = np.rot90(small, k=k)
@@ -163,21 +114,31 @@ class ThumbnailPrep:
 
 
 class Backbone(nn.Module):
-    """A frozen feature extractor: uint8 frames (or log-mel examples) in, datasets out.
+    """One frozen model run: uint8 frames (or log-mel examples) in, feature rows out.
 
-    ``forward`` returns ``{dataset name: float32 (B, ...)}``: one dataset for most models;
-    ViT gives ``vit`` (CLS) and, when ``patches`` is set, ``vit_patches``.
+    Args:
+        specs: the features this run computes (all share one ``model_key``; ``vit`` and
+            ``vit_patches`` share ViT-B/16).
+        model: the network, classifier removed.
+        transforms: ``weights.transforms()`` (None for VGGish).
+        identity: the weights identity (``FeatureSpec.identity``).
+        weights_file: the official file name(s), empty for random weights.
+        pca: VGGish's PCA postprocessing, or None.
+
+    ``forward`` returns ``{feature name: float32 (B, *row shape)}``.
     """
 
-    def __init__(self, spec: BackboneSpec, model: nn.Module, transforms: nn.Module | None,
-                 weights: str, weights_file: str, patches: bool = False,
+    def __init__(self, specs: Sequence[FeatureSpec], model: nn.Module,
+                 transforms: nn.Module | None, identity: str, weights_file: str,
                  pca: nn.Module | None = None):
         super().__init__()
-        self.spec = spec
+        self.specs = tuple(specs)
+        first = self.specs[0]
+        self.key, self.kind, self.level, self.clip_len = (first.model_key, first.kind,
+                                                          first.level, first.clip_len)
         self.model = model
-        self.weights = weights
+        self.identity = identity
         self.weights_file = weights_file
-        self.patches = patches
         self.pca = pca
         self.prep = FramePrep(transforms) if transforms is not None else None
         mean = transforms.mean if transforms is not None else [0.0, 0.0, 0.0]
@@ -190,8 +151,8 @@ class Backbone(nn.Module):
         return self.mean.device
 
     @property
-    def outputs(self) -> tuple[str, ...]:
-        return (self.spec.name, "vit_patches") if self.patches else (self.spec.name,)
+    def features(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.specs)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -199,108 +160,120 @@ class Backbone(nn.Module):
             x: uint8 frames (B, T, H, W, 3), T = clip_len; for VGGish float (B, 96, 64).
         """
         with torch.autocast("cuda", dtype=torch.float16, enabled=x.device.type == "cuda"):
-            out = self._forward(x)
+            out = self.run(x)
         return {k: v.float() for k, v in out.items()}
 
-    def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.spec.level == "audio":
+    def run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.kind == "audio":
             emb = self.model(x.float())
-            return {self.spec.name: self.pca(emb.float()) if self.pca is not None else emb}
+            return {self.specs[0].name: self.pca(emb.float()) if self.pca is not None else emb}
         x = x.permute(0, 4, 1, 2, 3).float().div_(255.0)  # (B, 3, T, H, W)
         x = (x - self.mean) / self.std
-        if self.spec.clip_len == 1:
+        if self.clip_len == 1:
             x = x[:, :, 0]  # (B, 3, H, W)
-        if self.spec.name != "vit":
-            return {self.spec.name: self.model(x)}
-        vit = self.model
-        tokens = vit._process_input(x)  # (B, N, D)
+        outputs = {s.output for s in self.specs}
+        if "patches" not in outputs:
+            y = self.model(x)  # (B, D): the classifier's input
+            return {s.name: y for s in self.specs}
+        vit = self.model  # torchvision VisionTransformer, heads removed
+        tokens = vit.conv_proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
         cls = vit.class_token.expand(tokens.shape[0], -1, -1)
         tokens = vit.encoder(torch.cat([cls, tokens], dim=1))  # (B, 1 + N, D), after final LN
-        out = {"vit": tokens[:, 0]}
-        if self.patches:
-            out["vit_patches"] = tokens[:, 1:]
-        return out
+        return {s.name: tokens[:, 1:] if s.output == "patches" else tokens[:, 0]
+                for s in self.specs}
 
     def attrs(self, name: str | None = None) -> dict:
-        """Dataset attrs that identify how a dataset of this model was made."""
-        name = name or self.spec.name
-        d = {"model": self.spec.builder.__name__, "weights": self.weights,
-             "weights_file": self.weights_file, "dim": self.spec.dim,
-             "sampling": self.spec.sampling}
-        if name == "vit_patches":
+        """Dataset attrs that identify how feature ``name`` (default: the first) was made."""
+        spec = next((s for s in self.specs if s.name == name), self.specs[0])
+        d = {"model": spec.builder, "weights": self.identity, "weights_file": self.weights_file,
+             "dim": spec.dim, "sampling": spec.sampling, "level": spec.level}
+        if spec.output == "patches":
             d["layout"] = "(n_frames, n_patches, dim), patches in row-major grid order"
         if self.pca is not None:
             d["postprocess"] = "official PCA + whitening, clip [-2, 2], quantised 0..255"
         return d
 
 
-def weights_filename(url: str) -> str:
-    return Path(url.split("?")[0]).name
-
-
-def hub_checkpoint_dir() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def weights_identity(name: str, weights: str, variant: str | None = None) -> str:
-    """What the cache records as ``weights`` for feature ``name``."""
-    spec = get_spec(name)
-    if weights == "random":
-        return "random"
-    if spec.weights_enum is None:
-        return "torchvggish-v0.1"
-    return f"{spec.weights_enum.__name__}.{variant or spec.default_weights}"
-
-
-def load_backbone(name: str, weights: str = "official", weights_dir: str | Path | None = None,
-                  device: torch.device | str = "cpu", seed: int = 0, variant: str | None = None,
-                  patches: bool = False, pca: bool = False) -> Backbone:
-    """Build a frozen backbone with its classifier removed.
+def load_backbones(specs: Sequence[FeatureSpec], weights: str = "official",
+                   weights_dir: str | Path | None = None, device: torch.device | str = "cpu",
+                   seed: int = 0, pca: bool = False) -> dict[str, Backbone]:
+    """One frozen backbone per model run the features need, keyed by ``model_key``.
 
     Args:
-        name: a key of :data:`BACKBONES`.
+        specs: the features (codec features need no model and are skipped).
         weights: "official" (through the torch hub cache) or "random" (seeded initialisation,
             for offline smoke tests; marked ``random`` in the cache).
         weights_dir: folder holding the weight files [default: ``$TORCH_HOME/hub/checkpoints``].
-        device: where the model runs.
+        device: where the models run.
         seed: seed of the random initialisation.
-        variant: another member of the weights enum (e.g. ``IMAGENET1K_SWAG_E2E_V1`` for ViT).
-        patches: ViT only: also return the patch tokens.
         pca: VGGish only: apply the official PCA postprocessing.
     """
-    spec = get_spec(name)
     if weights not in ("official", "random"):
         raise UsageError(f"--weights must be 'official' or 'random', not {weights!r}")
-    if spec.weights_enum is None:
-        return _load_vggish(spec, weights, weights_dir, device, seed, pca)
-    try:
-        member = spec.weights_enum[variant or spec.default_weights]
-    except KeyError:
-        valid = ", ".join(m.name for m in spec.weights_enum)
-        raise UsageError(f"{spec.weights_enum.__name__} has no {variant!r}; valid: {valid}") \
-            from None
-    kwargs = {}
-    if name == "vit":
+    groups: dict[str, list[FeatureSpec]] = {}
+    for spec in specs:
+        if spec.kind != "codec":
+            groups.setdefault(spec.model_key, []).append(spec)
+    out = {}
+    for key, group in groups.items():
+        if group[0].kind == "audio":
+            bb = _load_vggish(group, weights, weights_dir, seed, pca)
+        else:
+            bb = _load_torchvision(group, weights, weights_dir, seed)
+        out[key] = bb.to(device)
+    return out
+
+
+def load_backbone(feature: str | FeatureSpec, weights: str = "official",
+                  weights_dir: str | Path | None = None, device: torch.device | str = "cpu",
+                  seed: int = 0, variant: str | None = None, patches: bool = False,
+                  pca: bool = False) -> Backbone:
+    """The backbone of one feature (a name, a ``tv:`` spec or a :class:`FeatureSpec`).
+
+    ``variant`` picks another member of the weights enum; ``patches`` adds ``vit_patches`` to
+    ``vit``'s run. See :func:`load_backbones` for the rest.
+    """
+    spec = parse_feature(feature) if isinstance(feature, str) else feature
+    specs = [spec.with_weights(variant)]
+    if patches and spec.name == "vit":
+        specs.append(FEATURES["vit_patches"].with_weights(variant))
+    if spec.kind == "codec":
+        raise UsageError(f"feature {spec.name!r} comes from the codec and has no model")
+    return next(iter(load_backbones(specs, weights, weights_dir, device, seed, pca).values()))
+
+
+def _load_torchvision(specs: list[FeatureSpec], weights: str, weights_dir, seed: int
+                      ) -> Backbone:
+    from torchvision import models
+
+    spec = specs[0]
+    member = weights_member(spec.builder, spec.weights)
+    kwargs = {"num_classes": len(member.meta["categories"])}
+    if spec.builder.startswith("vit_"):
         kwargs["image_size"] = member.meta["min_size"][0]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = spec.builder(weights=None, **kwargs)
+        model = models.get_model(spec.builder, weights=None, **kwargs)
+    weights_file = ""
     if weights == "official":
         model.load_state_dict(fetch_state_dict(member.url, weights_dir))
         weights_file = weights_filename(member.url)
-    else:
-        weights_file = ""
-    if name == "vit":
-        model.heads = nn.Identity()
-    else:
-        model.fc = nn.Identity()
+    _drop_classifier(model)
     model.eval().requires_grad_(False)
-    backbone = Backbone(spec, model, member.transforms(), weights_identity(name, weights, variant),
-                        weights_file, patches=patches and name == "vit")
-    return backbone.to(device)
+    return Backbone(specs, model, member.transforms(), spec.identity(weights), weights_file)
 
 
-def _load_vggish(spec, weights, weights_dir, device, seed, pca) -> Backbone:
+def _drop_classifier(model: nn.Module) -> None:
+    """Replace the model's last ``Linear`` (its classifier output layer) by ``nn.Identity``, so
+    the model returns the penultimate output."""
+    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, nn.Identity())
+
+
+def _load_vggish(specs: list[FeatureSpec], weights: str, weights_dir, seed: int, pca: bool
+                 ) -> Backbone:
     from vtx.pipeline import vggish
 
     with torch.random.fork_rng(devices=[]):
@@ -319,11 +292,16 @@ def _load_vggish(spec, weights, weights_dir, device, seed, pca) -> Backbone:
             post = vggish.VGGishPCA(params["pca_eigen_vectors"], params["pca_means"])
             files += "," + weights_filename(vggish.PCA_URL)
     model.eval().requires_grad_(False)
-    identity = weights_identity("vggish", weights)
-    if pca and weights == "official":
-        identity += "+pca"
-    backbone = Backbone(spec, model, None, identity, files, pca=post)
-    return backbone.to(device)
+    identity = specs[0].identity(weights, pca=pca and weights == "official")
+    return Backbone(specs, model, None, identity, files, pca=post)
+
+
+def weights_filename(url: str) -> str:
+    return Path(url.split("?")[0]).name
+
+
+def hub_checkpoint_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 def fetch_state_dict(url: str, weights_dir: str | Path | None = None) -> dict:

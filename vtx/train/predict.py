@@ -8,20 +8,21 @@ with the CLS attention each received (last layer, averaged over heads).
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
 from vtx.errors import UsageError, VideoError
-from vtx.pipeline.backbones import load_backbone, resolve_device
+from vtx.features import parse_feature, parse_identity
+from vtx.pipeline.backbones import load_backbones, resolve_device
 from vtx.pipeline.extract import FrameSettings, VideoFeatures, extract_video
 from vtx.pipeline.sampling import FrameSampling
 from vtx.pipeline.shots import ShotConfig
+from vtx.train.dataset import subsample_indices
+from vtx.train.tokens import align_tokens
 
 
 @dataclass
@@ -76,20 +77,20 @@ def predict(config: PredictConfig) -> list[Prediction]:
     head, ckpt = load_checkpoint(config.model)
     device = resolve_device(config.device)
     head = head.to(device).eval()
-    features = tuple(head.features)
+    # The features as the cache that trained the head made them: each one's weights identity
+    # (torchvision member, random, +pca) picks the weights; one load per (weights, pca).
+    features, groups = [], {}
+    for name in head.features:
+        spec = parse_feature(name)
+        member, flags = parse_identity(ckpt["features"].get(name, {}).get("weights", ""))
+        if member is not None:
+            spec = spec.with_weights(member.name)
+        features.append(spec)
+        weights = "random" if "random" in flags else "official"
+        groups.setdefault((weights, "pca" in flags), []).append(spec)
     backbones = {}
-    for name in features:
-        meta = ckpt["features"].get(name, {})
-        model = {"vit_patches": "vit"}.get(name, name)
-        if model not in ("resnet18", "r2plus1d", "vit", "vggish") or model in backbones:
-            continue  # motion / residual come from the codec, no model
-        weights = "random" if meta.get("weights") == "random" else "official"
-        variant = None
-        if model == "vit" and "." in str(meta.get("weights", "")):
-            variant = str(meta["weights"]).split(".", 1)[1]
-        backbones[model] = load_backbone(model, weights, config.weights_dir, device,
-                                         variant=variant, patches=name == "vit_patches",
-                                         pca=str(meta.get("weights", "")).endswith("+pca"))
+    for (weights, pca), specs in groups.items():
+        backbones.update(load_backbones(specs, weights, config.weights_dir, device, pca=pca))
     shot_json, frame_json = ckpt.get("shot_config"), ckpt.get("frame_config")
     shot_config = ShotConfig(**json.loads(shot_json)) if shot_json else ShotConfig()
     settings = FrameSettings(FrameSampling(**json.loads(frame_json)) if frame_json
@@ -115,27 +116,19 @@ def predict(config: PredictConfig) -> list[Prediction]:
 
 def head_tokens(head, feats: VideoFeatures, video: str = "") -> dict[str, np.ndarray]:
     """The head's tokens of one video, aligned exactly as training aligns cache datasets
-    (``vtx.train.dataset._read_tokens``), from features extracted in memory."""
-    from collections import Counter
+    (:func:`vtx.train.tokens.align_tokens`), from features extracted in memory.
 
-    from vtx.train.dataset import _read_tokens
-
-    with h5py.File(io.BytesIO(), "w") as f:  # an in-memory group with the cache's layout
-        g = f.create_group("video")
-        for name, arr in feats.fixed.items():
-            g.create_dataset(name, data=arr)
-        for name, arr in feats.features.items():
-            ds = g.create_dataset(name, data=arr)
-            ds.attrs["dim"] = int(np.prod(arr.shape[1:])) if arr.ndim > 1 else 0
-        shapes = {n: w for n, w in head.inputs.items() if not isinstance(w, int)}
-        return _read_tokens(g, video, tuple(head.features), head.level, Counter(), shapes)
+    Each feature's row level comes from the feature registry (as for a cache without ``level``
+    attrs); rows are flattened unless the head declares them shaped (``head.inputs``).
+    """
+    arrays = {**feats.fixed, **feats.features}  # the cache's datasets of this video, in memory
+    shapes = {n: w for n, w in head.inputs.items() if not isinstance(w, int)}
+    return align_tokens(arrays, tuple(head.features), head.level, shapes=shapes, video=video)
 
 
 @torch.no_grad()
 def predict_features(head, ckpt: dict, feats: VideoFeatures, top_k: int,
                      device: torch.device) -> Prediction:
-    from vtx.train.dataset import subsample_indices
-
     tokens = head_tokens(head, feats)
     n = len(next(iter(tokens.values())))
     if n == 0:

@@ -18,6 +18,8 @@ The run folder ``out`` holds, after every epoch:
   :mod:`vtx.train.checkpoint`;
 * ``learning_curve.png``: losses and the primary metric against the epoch.
 
+:mod:`vtx.train.run_files` knows these paths and writes ``metrics.jsonl`` and the curve.
+
 ``resume=True`` continues from ``last.pt``: weights, optimizer, scheduler, RNG state, the best
 metric, and the early-stopping count (from ``best.pt``'s epoch). It refuses when the head, its
 options, the cache's features, the labels, the task, the validation fraction or ``max_tokens``
@@ -30,15 +32,16 @@ process trains on its shard of a DistributedSampler (gloo on the CPU, nccl on CU
 per process, ``cuda:LOCAL_RANK``); the training loss is averaged over all ranks, and
 validation, checkpoints, logs and files are handled by rank 0 alone, which then broadcasts the
 early-stopping decision. Validation on rank 0 is exact (no padded duplicates) and cheap, since
-heads are small.
+heads are small. The process group and the collectives are in :mod:`vtx.train.distributed`.
+
+The loop reads as numbered steps (check, load, loaders, optimizer, resume, DDP, epochs,
+summary); each step longer than a few lines is a function of its own below it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -52,7 +55,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from vtx.errors import UsageError
-from vtx.heads import build_head, config_class
+from vtx.heads import HEADS, build_head, config_class
 from vtx.heads.base import input_shape
 from vtx.train.checkpoint import (
     get_rng_state,
@@ -61,12 +64,21 @@ from vtx.train.checkpoint import (
     set_rng_state,
     to_plain,
 )
-from vtx.train.dataset import CacheData, collate, load_cache
+from vtx.train.dataset import CacheData, TokenDataset, collate, load_cache
+from vtx.train.distributed import (
+    Dist,
+    all_mean,
+    broadcast,
+    data_parallel,
+    epoch_seed,
+    init_distributed,
+)
 from vtx.train.labels import load_labels
 from vtx.train.metrics import compute_metrics, primary_metric
+from vtx.train.run_files import RunFiles, read_records, render_curve, write_records
 
-__all__ = ["TrainConfig", "TrainResult", "build_head_for", "head_inputs", "loss_fn", "predict_scores",
-           "scores_from_logits", "train_head"]
+__all__ = ["TrainConfig", "TrainResult", "build_head_for", "head_inputs", "input_stats", "loss_fn",
+           "param_groups", "predict_scores", "scores_from_logits", "train_head"]
 
 #: Config fields a resumed run must share with the saved one.
 RESUME_MUST_MATCH = ("head", "features", "labels", "task", "val_frac", "max_tokens", "head_options")
@@ -161,13 +173,12 @@ def build_head_for(name: str, n_outputs: int, dims: dict[str, int] | None = None
                    options: dict | None = None) -> nn.Module:
     """Build head ``name`` with ``options``, its feature widths set to the cache's ``dims``.
 
-    Widths go to whichever config field the head uses: ``<feature>_dim`` (STAN),
-    ``feature_dim`` (VTN, for its ``feature``) or ``feature_dims`` (baselines). With ``dims``
+    The head's config places the widths (``config.with_input_widths(dims)``). With ``dims``
     None the head only tells which features and level it reads (widths may be placeholders).
 
     Raises:
         UsageError: unknown head, unknown option, ``n_outputs`` among the options, an invalid
-            value, or widths the head cannot take.
+            value, ``dims`` without a feature the head reads, or widths the head cannot take.
     """
     options = dict(options or {})
     try:
@@ -189,17 +200,11 @@ def build_head_for(name: str, n_outputs: int, dims: dict[str, int] | None = None
         head = build_head(name, n_outputs=n_outputs, **proto_options)
         if dims is None:
             return head
-        kw = dict(options)
-        for ft in head.features:
-            if ft not in dims:
-                continue
-            if f"{ft}_dim" in valid:
-                kw[f"{ft}_dim"] = dims[ft]
-            elif "feature_dims" in valid:
-                kw["feature_dims"] = {**kw.get("feature_dims", {}), ft: dims[ft]}
-            elif "feature_dim" in valid and getattr(head.config, "feature", None) == ft:
-                kw["feature_dim"] = dims[ft]
-        head = build_head(name, n_outputs=n_outputs, **kw)
+        missing = [ft for ft in head.config.input_width_fields() if ft not in dims]
+        if missing:
+            raise UsageError(f"head {name!r} reads {missing}, but the widths given are only "
+                             f"for {sorted(dims)}")
+        head = HEADS[name](head.config.with_input_widths(dims))
     except (TypeError, ValueError) as e:
         raise UsageError(f"head {name!r}: {e}") from e
     wrong = {ft: (w, dims[ft]) for ft, w in head.inputs.items()
@@ -287,6 +292,22 @@ def predict_scores(head: nn.Module, loader: DataLoader, task: str, device: torch
     return np.concatenate(idx), np.concatenate(ys), scores, loss_sum / max(n, 1)
 
 
+def param_groups(head: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: ``weight_decay`` on weight matrices (parameters of 2 or more
+    dimensions), none on biases, norms and what ``head.no_weight_decay()`` names (CLS tokens).
+
+    Returns:
+        ``[{"params": decayed, "weight_decay": weight_decay}, {"params": rest,
+        "weight_decay": 0.0}]``, each in ``named_parameters`` order.
+    """
+    skip = head.no_weight_decay()
+    decay, no_decay = [], []
+    for name, p in head.named_parameters():
+        (decay if p.ndim >= 2 and name not in skip else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
 def _lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """Linear warm-up from ``1 / warmup_steps`` to 1, then cosine decay to 0 at ``total_steps``."""
     def f(step: int) -> float:
@@ -324,89 +345,8 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % 2**63
 
-
-# --------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class _Dist:
-    world: int = 1
-    rank: int = 0
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device_opt: str) -> tuple[_Dist, torch.device]:
-    import torch.distributed as dist
-
-    from vtx.pipeline.backbones import resolve_device
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist(), resolve_device(device_opt)
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_opt)
-    if device.type == "cuda":
-        if local >= torch.cuda.device_count():
-            raise UsageError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA "
-                             f"device(s); start at most that many processes per node")
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    owns = False
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        owns = True
-    return _Dist(world, dist.get_rank(), local, owns), device
-
-
-def _all_mean(d: _Dist, total: float, count: int, device: torch.device) -> float:
-    if not d.enabled:
-        return total / max(count, 1)
-    import torch.distributed as dist
-    t = torch.tensor([total, float(count)], dtype=torch.float64,
-                     device=device if device.type == "cuda" else "cpu")
-    dist.all_reduce(t)
-    return float(t[0] / t[1].clamp_min(1))
-
-
-def _broadcast(d: _Dist, obj):
-    if not d.enabled:
-        return obj
-    import torch.distributed as dist
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _has_unused_parameters(head: nn.Module, dataset, device: torch.device) -> bool:
-    """Whether some trainable parameter gets no gradient (DDP must then look for them).
-
-    VTN's last layer, for one, computes frame outputs nobody reads. Probed with one backward
-    pass on two videos; RNG state is restored afterwards.
-    """
-    state = torch.get_rng_state()
-    batch = collate([dataset[i] for i in range(min(2, len(dataset)))])
-    head.zero_grad(set_to_none=True)
-    head(head_inputs(batch, head.features, device)).float().sum().backward()
-    unused = any(p.grad is None for p in head.parameters() if p.requires_grad)
-    head.zero_grad(set_to_none=True)
-    torch.set_rng_state(state)
-    return unused
-
-
-# --------------------------------------------------------------------------- files
+# --------------------------------------------------------------------------- resume
 
 
 def _plain_config(config: TrainConfig) -> dict:
@@ -450,56 +390,49 @@ def _check_resume(saved: dict, config: TrainConfig, head_config: dict, data: Cac
             log(f"vtx: note: resuming with {k} = {b!r} (the run started with {a!r})")
 
 
-def _render_curve(records: list[dict], path: Path, primary: str | None) -> None:
-    """Losses (and the primary validation metric) against the epoch, as a PNG.
-
-    Uses matplotlib's object API with the Agg canvas (no pyplot state, no display needed).
-    """
-    from matplotlib.figure import Figure
-
-    epochs = [r["epoch"] for r in records]
-    n = 2 if primary else 1
-    fig = Figure(figsize=(4.5 * n, 3.2), dpi=80)
-    axes = fig.subplots(1, n, squeeze=False)[0]
-    ax = axes[0]
-    ax.plot(epochs, [r["train_loss"] for r in records], marker="o", label="train loss")
-    if any(r.get("val_loss") is not None for r in records):
-        ax.plot(epochs, [r.get("val_loss") for r in records], marker="o", label="val loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    if primary:
-        ax = axes[1]
-        ax.plot(epochs, [r.get(f"val_{primary}") for r in records], marker="o", color="C2")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"val {primary}")
-        ax.grid(alpha=0.3)
-    fig.subplots_adjust(left=0.12 / n, right=0.98, bottom=0.16, top=0.95, wspace=0.3)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-
-
-def _read_records(path: Path, upto: int) -> list[dict]:
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            if r["epoch"] <= upto:
-                records.append(r)
-    return records
-
-
-def _write_records(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
-
 
 # --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class _Selection:
+    """What picks the best epoch: the validation split's primary metric (``metric``, better
+    when ``higher``), or the training loss (lower is better) when there is no validation split."""
+
+    metric: str
+    higher: bool
+    has_val: bool
+
+    @property
+    def name(self) -> str:
+        """The selecting key of a ``metrics.jsonl`` record."""
+        return f"val_{self.metric}" if self.has_val else "train_loss"
+
+    def improved(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value > best if self.higher else value < best
+
+
+@dataclass
+class _Run:
+    """One run's state, handed from step to step of :func:`_train`."""
+
+    config: TrainConfig
+    files: RunFiles
+    data: CacheData
+    select: _Selection
+    device: torch.device
+    use_amp: bool
+    head: nn.Module
+    model: nn.Module  # what trains: the head, or the head wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    epoch: int = 0  # epochs completed
+    best: float | None = None  # the selection metric of best.pt
+    best_epoch: int = 0
+    records: list[dict] = field(default_factory=list)  # metrics.jsonl (rank 0 only)
 
 
 def train_head(config: TrainConfig, log: Callable[[str], None] | None = None,
@@ -518,55 +451,110 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None,
     Raises:
         UsageError: bad options, labels, cache (see :mod:`vtx.train.dataset`) or resume state.
     """
-    dist_state, device = _init_distributed(config.device)
+    d, device = init_distributed(config.device)
     try:
-        return _train(config, dist_state, device, log, on_epoch_end)
+        return _train(config, d, device, _rank0_log(log, d), on_epoch_end)
     finally:
-        if dist_state.owns_group:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+        d.close()
 
 
-def _train(config: TrainConfig, d: _Dist, device: torch.device,
-           log: Callable[[str], None] | None, on_epoch_end) -> TrainResult:
-    from tqdm import tqdm
+def _train(config: TrainConfig, d: Dist, device: torch.device, log: Callable[[str], None],
+           on_epoch_end: Callable[[dict], None] | None) -> TrainResult:
+    """:func:`train_head` on one process (every rank runs this; ``log`` is silent off rank 0)."""
+    # 1. refuse bad options and a run folder in the wrong state, before reading anything
+    files = RunFiles(Path(config.out))
+    _check_options(config, files)
 
-    if log is None:
-        log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if d.main else (lambda msg: None)
-    elif not d.main:
-        log = lambda msg: None  # noqa: E731
+    # 2. labels, the cached tokens of the labelled videos, and the head with its input stats
+    data, head = _load_data_and_head(config, device, log)
+    train_set, val_set = _datasets(data, log)
+    select = _selection(data.labels.task, has_val=len(val_set) > 0, log=log)
+
+    # 3. loaders: a DistributedSampler shards the training videos (one shard on one process)
+    train_loader, val_loader = _loaders(config, train_set, val_set, d)
+
+    # 4. AdamW, the warm-up + cosine schedule (stepped every batch) and the fp16 grad scaler
+    use_amp = config.amp and device.type == "cuda"
+    optimizer, scheduler, scaler = _optimizer(config, head, len(train_loader), use_amp)
+    run = _Run(config=config, files=files, data=data, select=select, device=device,
+               use_amp=use_amp, head=head, model=head, optimizer=optimizer, scheduler=scheduler,
+               scaler=scaler)
+
+    # 5. continue from last.pt, or start the run folder
+    if config.resume:
+        _resume(run, d, log)
+    elif d.main:
+        files.out.mkdir(parents=True, exist_ok=True)
+        files.metrics.unlink(missing_ok=True)
+
+    # 6. under torchrun, train through DDP (the files keep the unwrapped head)
+    if d.enabled:
+        probe = collate([train_set[i] for i in range(min(2, len(train_set)))])
+        run.model = data_parallel(head, device, head_inputs(probe, head.features, device))
+
+    # 7. epochs: train on every rank; rank 0 validates, saves and decides whether to stop
+    stopped_early = run.epoch > 0 and run.epoch - run.best_epoch >= config.patience
+    while run.epoch < config.epochs and not stopped_early:
+        run.epoch += 1
+        t0 = time.perf_counter()
+        train_loss, lr = _train_epoch(run, train_loader, d)
+        record, stop = None, False
+        if d.main:
+            record = _evaluate_and_save(run, val_loader, train_loss, lr, t0, log)
+            stop = run.epoch - run.best_epoch >= config.patience
+            if stop:
+                log(f"vtx: no better {select.name} for {config.patience} epochs; stopping early")
+        stopped_early = broadcast(d, stop)
+        if record is not None and on_epoch_end is not None:
+            on_epoch_end(record)
+
+    # 8. every rank returns rank 0's summary
+    best_epoch, best = broadcast(d, (run.best_epoch, run.best))
+    return TrainResult(run_dir=files.out, best_metric=best, metric=select.name,
+                       best_epoch=best_epoch, epochs_run=run.epoch, best_path=files.best,
+                       stopped_early=stopped_early)
+
+
+def _rank0_log(log: Callable[[str], None] | None, d: Dist) -> Callable[[str], None]:
+    """``log`` (stderr when None) on rank 0; silence on the other ranks."""
+    if not d.main:
+        return lambda msg: None
+    return log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
+def _check_options(config: TrainConfig, files: RunFiles) -> None:
     if config.epochs < 1 or config.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be at least 1")
     if config.patience < 1:
         raise UsageError("--patience must be at least 1")
     if config.warmup_epochs < 0 or config.lr <= 0:
         raise UsageError("--warmup-epochs must be >= 0 and --lr > 0")
-    out = Path(config.out)
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    metrics_path, curve_path = out / "metrics.jsonl", out / "learning_curve.png"
-    if config.resume and not last_path.exists():
-        raise UsageError(f"--resume: {last_path} does not exist, so there is nothing to resume; "
-                         "drop --resume to start a new run")
-    if not config.resume and (last_path.exists() or best_path.exists()):
-        raise UsageError(f"{out} already holds a run (last.pt); pass --resume to continue it, "
-                         "or choose another --out")
+    files.check(config.resume)
 
+
+def _load_data_and_head(config: TrainConfig, device: torch.device,
+                        log: Callable[[str], None]) -> tuple[CacheData, nn.Module]:
+    """Labels, the cached tokens the head reads, and the head (seeded with ``config.seed``;
+    widths from the cache, input statistics from the train split, regression bias at the mean
+    training target), on ``device``."""
     _seed_everything(config.seed)
     labels = load_labels(config.labels, task=config.task, val_frac=config.val_frac)
-    task = labels.task
-    n_outputs = 1 if task == "regression" else len(labels.vocab)
+    n_outputs = 1 if labels.task == "regression" else len(labels.vocab)
     proto = build_head_for(config.head, n_outputs, None, config.head_options)
     data = load_cache(config.features, labels, proto.inputs, proto.level, config.max_tokens, log)
     torch.manual_seed(config.seed)
     head = build_head_for(config.head, n_outputs, data.dims, config.head_options)
-    if task == "regression" and not config.resume:
+    if labels.task == "regression" and not config.resume:
         targets = [float(v.target) for v in data.videos if v.split == "train"]
         if targets:
             _init_output_bias(head, float(np.mean(targets)))
     if hasattr(head, "set_input_stats"):
         head.set_input_stats(input_stats(data, head.features))
-    head = head.to(device)
+    return data, head.to(device)
 
+
+def _datasets(data: CacheData, log: Callable[[str], None]) -> tuple[TokenDataset, TokenDataset]:
+    """The train and val datasets, after a line saying how many videos each split has."""
     sizes = data.split_sizes()
     log(f"vtx: {len(data.videos)} labelled videos in {data.cache} (train {sizes['train']}, "
         f"val {sizes['val']}, test {sizes['test']}); {data.n_unlabelled} cached videos "
@@ -575,15 +563,22 @@ def _train(config: TrainConfig, d: _Dist, device: torch.device,
     if len(train_set) == 0:
         raise UsageError(f"no labelled video of {data.cache} is in the train split (splits: "
                          f"{sizes}); label some videos 'train' or lower --val-frac")
+    return train_set, val_set
+
+
+def _selection(task: str, has_val: bool, log: Callable[[str], None]) -> _Selection:
     key, higher = primary_metric(task)
-    has_val = len(val_set) > 0
-    select = f"val_{key}" if has_val else "train_loss"
     if not has_val:
         log("vtx: note: no validation videos (no 'val' split in the labels and none hashed into "
             "it); best.pt is selected on the training loss, which says nothing about "
             "generalisation. Add a split column or raise --val-frac")
         higher = False
+    return _Selection(key, higher, has_val)
 
+
+def _loaders(config: TrainConfig, train_set: TokenDataset, val_set: TokenDataset,
+             d: Dist) -> tuple[DataLoader, DataLoader]:
+    """This rank's shuffled shard of the training videos, and all validation videos in order."""
     sampler = DistributedSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True,
                                  seed=config.seed, drop_last=False)
     train_loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler,
@@ -592,127 +587,120 @@ def _train(config: TrainConfig, d: _Dist, device: torch.device,
     val_loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False,
                             collate_fn=collate, num_workers=0,
                             generator=torch.Generator().manual_seed(config.seed))
+    return train_loader, val_loader
 
-    decay = [p for n, p in head.named_parameters() if p.ndim >= 2 and "cls" not in n]
-    no_decay = [p for n, p in head.named_parameters() if not (p.ndim >= 2 and "cls" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-    steps_per_epoch = len(train_loader)
+
+def _optimizer(config: TrainConfig, head: nn.Module, steps_per_epoch: int, use_amp: bool):
+    """AdamW over :func:`param_groups`, its per-step schedule, and the gradient scaler."""
+    optimizer = torch.optim.AdamW(param_groups(head, config.weight_decay), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch))
-    use_amp = config.amp and device.type == "cuda"
+        optimizer, _lr_lambda(config.warmup_epochs * steps_per_epoch,
+                              config.epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    return optimizer, scheduler, scaler
 
-    start_epoch, best, best_epoch, records = 0, None, 0, []
-    if config.resume:
-        saved = read_checkpoint(last_path)
-        _check_resume(saved, config, dataclasses.asdict(head.config), data, log)
-        head.load_state_dict(saved["state_dict"])
-        if saved.get("optimizer") is not None:
-            optimizer.load_state_dict(saved["optimizer"])
-        if saved.get("scheduler") is not None:
-            scheduler.load_state_dict(saved["scheduler"])
-        start_epoch, best = int(saved["epoch"]), saved.get("best_metric")
-        if saved.get("rng") is not None:
-            set_rng_state(saved["rng"])
-        best_epoch = int(read_checkpoint(best_path)["epoch"]) if best_path.exists() else 0
-        if d.main:
-            records = _read_records(metrics_path, start_epoch)
-            _write_records(metrics_path, records)  # drop lines of epochs after last.pt
-        log(f"vtx: resuming {out} after epoch {start_epoch} (best {select} "
-            f"{'n/a' if best is None else f'{best:.4f}'} at epoch {best_epoch})")
-    elif d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics_path.unlink(missing_ok=True)
 
-    model: nn.Module = head
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(head, device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=_has_unused_parameters(head, train_set, device))
+def _resume(run: _Run, d: Dist, log: Callable[[str], None]) -> None:
+    """Load last.pt's weights, optimizer, schedule, RNG state and best metric into ``run``
+    (after checking it was made with the same settings), and cut metrics.jsonl to its epoch."""
+    files = run.files
+    saved = read_checkpoint(files.last)
+    _check_resume(saved, run.config, dataclasses.asdict(run.head.config), run.data, log)
+    run.head.load_state_dict(saved["state_dict"])
+    if saved.get("optimizer") is not None:
+        run.optimizer.load_state_dict(saved["optimizer"])
+    if saved.get("scheduler") is not None:
+        run.scheduler.load_state_dict(saved["scheduler"])
+    run.epoch, run.best = int(saved["epoch"]), saved.get("best_metric")
+    if saved.get("rng") is not None:
+        set_rng_state(saved["rng"])
+    run.best_epoch = int(read_checkpoint(files.best)["epoch"]) if files.best.exists() else 0
+    if d.main:
+        run.records = read_records(files.metrics, run.epoch)
+        write_records(files.metrics, run.records)  # drop lines of epochs after last.pt
+    best = "n/a" if run.best is None else f"{run.best:.4f}"
+    log(f"vtx: resuming {files.out} after epoch {run.epoch} (best {run.select.name} {best} at "
+        f"epoch {run.best_epoch})")
 
-    def improved(value: float) -> bool:
-        if best is None:
-            return True
-        return value > best if higher else value < best
 
-    train_config = _plain_config(config)
-    stopped_early = start_epoch - best_epoch >= config.patience and start_epoch > 0
-    epoch = start_epoch
-    while epoch < config.epochs and not stopped_early:
-        epoch += 1
-        t0 = time.perf_counter()
-        torch.manual_seed(_epoch_seed(config.seed, epoch, d.rank))  # dropout of this epoch
-        sampler.set_epoch(epoch)
-        model.train()
-        loss_sum, count, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
-                   file=sys.stderr, leave=False, disable=None if d.main else True)
-        for batch in bar:
-            inputs = head_inputs(batch, head.features, device)
-            target = batch["target"].to(device, non_blocking=True)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-                logits = model(inputs)
-            loss = loss_fn(task, logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(head.parameters(), config.grad_clip)
-            lr = optimizer.param_groups[0]["lr"]
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum += float(loss.detach()) * len(target)
-            count += len(target)
-            bar.set_postfix(loss=f"{loss_sum / count:.4f}")
-        bar.close()
-        train_loss = _all_mean(d, loss_sum, count, device)
-        if not math.isfinite(train_loss):
-            raise UsageError(f"the training loss became {train_loss} at epoch {epoch}; lower --lr "
-                             "or check the features for NaN/inf")
+def _train_epoch(run: _Run, loader: DataLoader, d: Dist) -> tuple[float, float]:
+    """One pass over this rank's shard of the training videos.
 
-        stop = False
-        record = None
-        if d.main:
-            record = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": None}
-            val_metrics: dict[str, float] = {}
-            if has_val:
-                _, y, scores, val_loss = predict_scores(head, val_loader, task, device, use_amp)
-                val_metrics = compute_metrics(task, y, scores)
-                record["val_loss"] = val_loss
-                record.update({f"val_{k}": v for k, v in val_metrics.items()})
-                value = val_metrics[key]
-            else:
-                value = train_loss
-            is_best = improved(value)
-            if is_best:
-                best, best_epoch = value, epoch
-            record["best"] = is_best
-            record["seconds"] = round(time.perf_counter() - t0, 3)
-            ckpt_metrics = {**val_metrics, **({"loss": record["val_loss"]} if has_val else {})}
-            common = dict(head=head, head_name=config.head, task=task, vocab=labels.vocab,
-                          features=data.feature_attrs, shot_config=data.shot_config,
-                          frame_config=data.frame_config, epoch=epoch,
-                          metrics=ckpt_metrics, train_config=train_config, optimizer=optimizer,
-                          scheduler=scheduler, best_metric=best, rng=get_rng_state())
-            if is_best:
-                save_checkpoint(best_path, **common)
-            records.append(record)
-            _write_records(metrics_path, records)
-            save_checkpoint(last_path, **common)
-            _render_curve(records, curve_path, key if has_val else None)
-            shown = f"{select} {value:.4f}" if has_val else ""
-            log(f"epoch {epoch}/{config.epochs}  lr {lr:.2e}  train_loss {train_loss:.4f}"
-                + (f"  val_loss {record['val_loss']:.4f}  {shown}" if has_val else "")
-                + ("  *best*" if is_best else "") + f"  {record['seconds']:.1f}s")
-            stop = epoch - best_epoch >= config.patience
-            if stop:
-                log(f"vtx: no better {select} for {config.patience} epochs; stopping early")
-        stopped_early = _broadcast(d, stop)
-        if d.main and on_epoch_end is not None:
-            on_epoch_end(record)
+    Returns:
+        ``(training loss averaged over all ranks, learning rate of the epoch's last step)``.
+    """
+    from tqdm import tqdm
 
-    best_epoch, best = _broadcast(d, (best_epoch, best))
-    return TrainResult(run_dir=out, best_metric=best, metric=select, best_epoch=best_epoch,
-                       epochs_run=epoch, best_path=best_path, stopped_early=stopped_early)
+    config, head, optimizer, scaler = run.config, run.head, run.optimizer, run.scaler
+    torch.manual_seed(epoch_seed(config.seed, run.epoch, d.rank))  # dropout of this epoch
+    loader.sampler.set_epoch(run.epoch)
+    run.model.train()
+    loss_sum, count, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
+    bar = tqdm(loader, desc=f"epoch {run.epoch}/{config.epochs}", unit="batch",
+               file=sys.stderr, leave=False, disable=None if d.main else True)
+    for batch in bar:
+        inputs = head_inputs(batch, head.features, run.device)
+        target = batch["target"].to(run.device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=run.use_amp):
+            logits = run.model(inputs)
+        loss = loss_fn(run.data.labels.task, logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if config.grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(head.parameters(), config.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        scaler.step(optimizer)
+        scaler.update()
+        run.scheduler.step()
+        loss_sum += float(loss.detach()) * len(target)
+        count += len(target)
+        bar.set_postfix(loss=f"{loss_sum / count:.4f}")
+    bar.close()
+    train_loss = all_mean(d, loss_sum, count, run.device)
+    if not math.isfinite(train_loss):
+        raise UsageError(f"the training loss became {train_loss} at epoch {run.epoch}; lower "
+                         "--lr or check the features for NaN/inf")
+    return train_loss, lr
+
+
+def _evaluate_and_save(run: _Run, val_loader: DataLoader, train_loss: float, lr: float,
+                       t0: float, log: Callable[[str], None]) -> dict:
+    """Rank 0's end of an epoch: validate, update the best epoch, write the run files and log
+    the epoch's line.
+
+    Returns:
+        The epoch's ``metrics.jsonl`` record.
+    """
+    select, task = run.select, run.data.labels.task
+    record = {"epoch": run.epoch, "lr": lr, "train_loss": train_loss, "val_loss": None}
+    metrics: dict[str, float] = {}
+    if select.has_val:
+        _, y, scores, record["val_loss"] = predict_scores(run.head, val_loader, task, run.device,
+                                                          run.use_amp)
+        metrics = compute_metrics(task, y, scores)
+        record.update({f"val_{k}": v for k, v in metrics.items()})
+        metrics["loss"] = record["val_loss"]
+    value = record[select.name]
+    record["best"] = select.improved(value, run.best)
+    if record["best"]:
+        run.best, run.best_epoch = value, run.epoch
+    record["seconds"] = round(time.perf_counter() - t0, 3)
+
+    saved = dict(head=run.head, head_name=run.config.head, task=task, vocab=run.data.labels.vocab,
+                 features=run.data.feature_attrs, shot_config=run.data.shot_config,
+                 frame_config=run.data.frame_config, epoch=run.epoch, metrics=metrics,
+                 train_config=_plain_config(run.config), optimizer=run.optimizer,
+                 scheduler=run.scheduler, best_metric=run.best, rng=get_rng_state())
+    if record["best"]:
+        save_checkpoint(run.files.best, **saved)
+    run.records.append(record)
+    write_records(run.files.metrics, run.records)
+    save_checkpoint(run.files.last, **saved)
+    render_curve(run.records, run.files.curve, select.metric if select.has_val else None)
+
+    log(f"epoch {run.epoch}/{run.config.epochs}  lr {lr:.2e}  train_loss {train_loss:.4f}"
+        + (f"  val_loss {record['val_loss']:.4f}  {select.name} {value:.4f}"
+           if select.has_val else "")
+        + ("  *best*" if record["best"] else "") + f"  {record['seconds']:.1f}s")
+    return record

@@ -1,0 +1,236 @@
+"""The batching runner: decode threads, one bounded queue, model batches across videos.
+
+``workers`` decode threads each run one :class:`vtx.pipeline.producer.VideoProducer` at a time
+and put its messages on a bounded queue; the calling thread takes them off, gathers model
+inputs into batches of ``batch_size`` per model run (batches span shots, frames and videos),
+runs each full batch, and routes every output row to its video's :class:`VideoAssembler`. A
+video whose rows are all in is handed to ``on_video`` (``vtx extract`` writes it to the cache).
+The queue bound keeps memory constant whatever the number or length of the videos.
+
+:class:`BatchRunner` is the single-threaded core (``extract_video`` drives it directly);
+:func:`run_jobs` adds the threads. ``on_batch(model_key, n_items, seconds)`` is called after
+every model batch: the public timing hook that ``bench/`` reads.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vtx.errors import VideoError
+from vtx.pipeline.backbones import Backbone
+from vtx.pipeline.producer import DirectItem, ModelItem, VideoDone, VideoFailed, VideoJob
+
+OnBatch = Callable[[str, int, float], None]
+"""``on_batch(model_key, n_items, seconds)``: one model batch ran (stacking the inputs, the
+copy to the device, the forward pass and the copy back included)."""
+
+INCOMPLETE = "internal error: the video's features were not all computed"
+
+
+class VideoAssembler:
+    """Collects one video's model outputs and direct arrays until it is complete."""
+
+    def __init__(self, job: VideoJob):
+        self.job = job
+        self.items: dict[str, dict[int, np.ndarray]] = {}  # dataset name -> row -> array
+        self.levels: dict[str, str] = {}  # dataset name -> level
+        self.model_items: dict[str, int] = {}
+        self.direct_items = 0
+        self.done: VideoDone | None = None
+
+    def add_outputs(self, backbone: Backbone, index: int, outputs: dict[str, np.ndarray]
+                    ) -> None:
+        """One model input's output rows, by feature name."""
+        for name, row in outputs.items():
+            self.items.setdefault(name, {})[index] = row
+            self.levels[name] = backbone.level
+        self.model_items[backbone.key] = self.model_items.get(backbone.key, 0) + 1
+
+    def add_direct(self, msg: DirectItem) -> None:
+        level = "frame" if msg.index >= 0 else "shot"
+        for name, arr in msg.data.items():
+            self.items.setdefault(name, {})[msg.index] = arr
+            self.levels[name] = level
+        if msg.index >= 0:
+            self.direct_items += 1
+
+    def complete(self) -> bool:
+        done = self.done
+        return (done is not None
+                and all(self.model_items.get(k, 0) == n for k, n in done.model_items.items())
+                and self.direct_items == done.direct_items)
+
+    def arrays(self, skip: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        """Every dataset of the complete video: the end-of-video arrays (shots, frames, ...) and
+        the collected rows stacked (``(n, *row shape)``); names with no row are left out."""
+        out = dict(self.done.fixed)
+        for name, got in self.items.items():
+            n = self.done.rows[self.levels[name]]
+            if name not in skip and n:
+                out[name] = np.stack([got[i] for i in range(n)])
+        return out
+
+
+class BatchRunner:
+    """Batches model inputs per model run and routes the outputs to the videos' assemblers.
+
+    Args:
+        backbones: ``model_key`` -> loaded backbone.
+        batch_size: inputs per model batch.
+        on_batch: the timing hook, see :data:`OnBatch`.
+    """
+
+    def __init__(self, backbones: Mapping[str, Backbone], batch_size: int,
+                 on_batch: OnBatch | None = None):
+        self.backbones = backbones
+        self.batch_size = batch_size
+        self.on_batch = on_batch
+        self.pending: dict[str, list[ModelItem]] = {k: [] for k in backbones}
+        self.videos: dict[int, VideoAssembler] = {}
+
+    def open(self, job: VideoJob) -> VideoAssembler:
+        """Start collecting a video (before its producer runs)."""
+        self.videos[job.vid] = VideoAssembler(job)
+        return self.videos[job.vid]
+
+    def put(self, msg: object) -> list[VideoAssembler]:
+        """Take one producer message; returns the videos it completed (no longer tracked)."""
+        if isinstance(msg, ModelItem):
+            self.pending[msg.model].append(msg)
+            if len(self.pending[msg.model]) >= self.batch_size:
+                return self.run(msg.model)
+        elif isinstance(msg, DirectItem):
+            if msg.vid in self.videos:
+                self.videos[msg.vid].add_direct(msg)
+        elif isinstance(msg, VideoDone):
+            self.videos[msg.vid].done = msg
+            return self._take_complete({msg.vid})
+        else:
+            raise TypeError(f"unexpected producer message {type(msg).__name__}")
+        return []
+
+    def fail(self, vid: int) -> VideoAssembler:
+        """Forget a failed video and its pending inputs."""
+        for key in self.pending:
+            self.pending[key] = [it for it in self.pending[key] if it.vid != vid]
+        return self.videos.pop(vid)
+
+    def run(self, key: str) -> list[VideoAssembler]:
+        """Run the pending inputs of one model as a batch; returns the videos completed."""
+        items, self.pending[key] = self.pending[key], []
+        if not items:
+            return []
+        t0 = time.perf_counter()
+        bb = self.backbones[key]
+        x = torch.from_numpy(np.stack([it.data for it in items]))  # (B, clip_len, h, w, 3)
+        outs = bb(x.to(bb.device, non_blocking=True))  # feature name -> (B, *row shape)
+        outs = {name: y.cpu().numpy() for name, y in outs.items()}
+        for row, it in enumerate(items):
+            a = self.videos.get(it.vid)
+            if a is not None:
+                a.add_outputs(bb, it.index, {name: y[row] for name, y in outs.items()})
+        if self.on_batch is not None:
+            self.on_batch(key, len(items), time.perf_counter() - t0)
+        return self._take_complete({it.vid for it in items})
+
+    def flush(self) -> list[VideoAssembler]:
+        """Run every pending batch, full or not; returns the videos completed."""
+        return [a for key in list(self.pending) for a in self.run(key)]
+
+    def _take_complete(self, vids: set[int]) -> list[VideoAssembler]:
+        return [self.videos.pop(v) for v in sorted(vids)
+                if v in self.videos and self.videos[v].complete()]
+
+
+Produce = Callable[[VideoJob, Callable[[object], None], tqdm], None]
+"""``produce(job, emit, bar)``: run one video's producer in a decode thread."""
+
+
+def run_jobs(jobs: Sequence[VideoJob], runner: BatchRunner, produce: Produce, *,
+             workers: int, on_video: Callable[[VideoAssembler], None],
+             on_failure: Callable[[VideoJob, str], None], progress: bool = True) -> None:
+    """Produce every job in ``workers`` decode threads and batch their model inputs here.
+
+    Args:
+        jobs: the videos.
+        runner: batches and assembles (its ``on_batch`` hook times the model batches).
+        produce: decodes one video, emitting its messages; a :class:`VideoError` or any other
+            exception fails that video only.
+        workers: decode threads.
+        on_video: receives each complete video, in this thread.
+        on_failure: receives each failed video and the reason, in this thread.
+        progress: draw a bar for the videos and one per decode thread.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(8, 4 * runner.batch_size))
+    job_q: queue.Queue = queue.Queue()
+    for job in jobs:
+        job_q.put(job)
+        runner.open(job)
+    stop = threading.Event()
+    worker_exit = object()
+
+    def worker(slot: int) -> None:
+        bar = tqdm(total=0, position=slot + 1, leave=False, unit="frame", disable=not progress,
+                   dynamic_ncols=True)
+        try:
+            while not stop.is_set():
+                try:
+                    job = job_q.get_nowait()
+                except queue.Empty:
+                    break
+                try:
+                    produce(job, q.put, bar)
+                except VideoError as e:
+                    q.put(VideoFailed(job.vid, str(e)))
+                except Exception as e:  # a bug or an unexpected file: never cost other videos
+                    if os.environ.get("VTX_DEBUG"):
+                        traceback.print_exc()
+                    q.put(VideoFailed(job.vid, f"{type(e).__name__}: {e}"))
+        finally:
+            bar.close()
+            q.put(worker_exit)
+
+    n_workers = min(workers, len(jobs))
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n_workers)]
+    for t in threads:
+        t.start()
+    bar = tqdm(total=len(jobs), position=0, unit="video", desc="extract", disable=not progress,
+               dynamic_ncols=True)
+
+    def finished(videos: list[VideoAssembler]) -> None:
+        for a in videos:
+            on_video(a)
+            bar.update()
+
+    active = n_workers
+    try:
+        while active:
+            msg = q.get()
+            if msg is worker_exit:
+                active -= 1
+            elif isinstance(msg, VideoFailed):
+                job = runner.fail(msg.vid).job
+                on_failure(job, " ".join(msg.reason.split()))
+                bar.update()
+            else:
+                finished(runner.put(msg))
+        finished(runner.flush())
+        for vid in list(runner.videos):  # never drop a video silently
+            on_failure(runner.fail(vid).job, INCOMPLETE)
+    finally:
+        stop.set()
+        bar.close()
+        while any(t.is_alive() for t in threads):  # unblock workers waiting on a full queue
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
