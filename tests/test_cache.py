@@ -185,7 +185,7 @@ def test_interrupted_merge_leaves_cache_intact(synth_cache, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         w.merge()
     monkeypatch.undo()
-    w._lock_file.close()  # the process "died": its lock goes with it
+    w.abandon()  # the process "died": its lock goes with it, its parts stay
     after = datasets(out)
     assert before.keys() == after.keys()  # the old file is untouched
     with CacheWriter(out):  # the next run merges the finished shard

@@ -408,7 +408,7 @@ def feature_width(name: str) -> int | None:
 
 def default_dims() -> dict[str, int]:
     """Token width of each built-in feature (the heads' config defaults)."""
-    return {n: s.dim for n, s in FEATURES.items() if s.output == "features" and s.kind != "codec"}
+    return {n: s.dim for n, s in FEATURES.items() if s.kind != "codec"}
 
 
 #: Rows per video-minute assumed by :func:`bytes_per_minute`.

@@ -331,7 +331,7 @@ class PatchTokenConfig(HeadConfig):
     """
 
     feature: str = "vit_patches"
-    feature_dim: int = 768
+    feature_dim: int = DEFAULT_FEATURE_DIMS["vit_patches"]
     n_patches: int = 196
     n_frames: int = 8
     d_model: int = 768

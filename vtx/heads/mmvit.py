@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Head, HeadConfig, normalise_attention
+from .base import DEFAULT_FEATURE_DIMS, Head, HeadConfig, normalise_attention
 from .blocks import Mlp, MultiHeadSelfAttention, SpaceTimeStack, masked_mean, time_embedding
 
 __all__ = ["CROSS", "FEATURES", "Mmvit", "MmvitConfig", "MmvitLayer", "ShiftMerge", "flops_configs"]
@@ -109,8 +109,8 @@ class MmvitConfig(HeadConfig):
     n_patches: int = 196
     motion_grid: int = 14
     residual_size: int = 56
-    vit_dim: int = 768
-    vggish_dim: int = 128
+    vit_dim: int = DEFAULT_FEATURE_DIMS["vit_patches"]
+    vggish_dim: int = DEFAULT_FEATURE_DIMS["vggish"]
     mlp_ratio: float = 4.0
     dropout: float = 0.0
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import Head, HeadConfig, cls_attention_to_tokens
+from .base import DEFAULT_FEATURE_DIMS, Head, HeadConfig, cls_attention_to_tokens
 from .blocks import GluMlp, Mlp, SinusoidalPositionalEmbedding, TransformerEncoder
 
 __all__ = ["STREAM_FEATURES", "Stan", "StanConfig"]
@@ -67,9 +67,9 @@ class StanConfig(HeadConfig):
     fusion: str = "sum"
     lam: float = 0.6
     audio: bool = False
-    resnet18_dim: int = 512
-    r2plus1d_dim: int = 512
-    vggish_dim: int = 128
+    resnet18_dim: int = DEFAULT_FEATURE_DIMS["resnet18"]
+    r2plus1d_dim: int = DEFAULT_FEATURE_DIMS["r2plus1d"]
+    vggish_dim: int = DEFAULT_FEATURE_DIMS["vggish"]
     d_model: int = 256
     n_heads: int = 4
     n_layers: int = 2

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Head, HeadConfig, cls_attention_to_tokens
+from .base import DEFAULT_FEATURE_DIMS, Head, HeadConfig, cls_attention_to_tokens
 from .blocks import LearnedPositionalEmbedding, Mlp, SinusoidalPositionalEmbedding, TransformerEncoder
 
 __all__ = ["SlidingWindowAttention", "Vtn", "VtnConfig"]
@@ -148,7 +148,7 @@ class VtnConfig(HeadConfig):
     """
 
     feature: str = "vit"
-    feature_dim: int = 768
+    feature_dim: int = DEFAULT_FEATURE_DIMS["vit"]
     d_model: int = 256
     n_heads: int = 4
     n_layers: int = 3

@@ -124,6 +124,7 @@ class CacheWriter:
         self.close()
 
     def close(self) -> None:
+        """Merge the finished parts into the cache and release it."""
         if self._lock_file.closed:
             return
         try:
@@ -133,9 +134,16 @@ class CacheWriter:
             except OSError:
                 pass
         finally:
-            self._lock_path.unlink(missing_ok=True)
-            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-            self._lock_file.close()
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Release the cache without merging, as a process that dies does: the finished parts
+        stay in ``feats.h5.parts/`` and the next writer merges them."""
+        if self._lock_file.closed:
+            return
+        self._lock_path.unlink(missing_ok=True)
+        fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        self._lock_file.close()
 
     def _check_readable(self) -> None:
         try:
