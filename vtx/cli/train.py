@@ -148,6 +148,12 @@ def head_options(name: str, named: dict, sets: tuple[str, ...]) -> dict:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--amp/--no-amp", default=True, show_default=True,
               help="fp16 autocast with gradient scaling (CUDA only).")
+@click.option("--loader-workers", type=int, default=0, show_default=True,
+              help="DataLoader processes reading tokens from the cache (0: read in the "
+                   "training process).")
+@click.option("--cache-mb", type=int, default=1024, show_default=True,
+              help="Memory budget per process for recently read videos' tokens; tokens "
+                   "stream from the cache, so memory does not grow with it.")
 @click.option("--streams", type=click.Choice(["spatial", "temporal", "both"]), default=None,
               help="[stan] Streams to use.")
 @click.option("--fusion", type=click.Choice(["sum", "gated", "concat"]), default=None,
@@ -185,7 +191,7 @@ def head_options(name: str, named: dict, sets: tuple[str, ...]) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def train_head(name, features, labels, out, epochs, batch_size, lr, weight_decay, warmup_epochs,
                grad_clip, patience, device, seed, task, val_frac, max_tokens, resume, amp,
-               streams, fusion, lam, audio, window, pos, layers, d_model, heads, dropout, depth,
+               loader_workers, cache_mb, streams, fusion, lam, audio, window, pos, layers, d_model, heads, dropout, depth,
                attention, block_size, time_layers, class_attention_layers, variant, cross, order,
                modalities, sets, as_json) -> None:
     """Train head NAME (stan, vtn, timesformer, mevit, mmvit, meanpool, lstm) on the cached
@@ -209,7 +215,7 @@ def train_head(name, features, labels, out, epochs, batch_size, lr, weight_decay
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
             grad_clip=grad_clip, patience=patience, device=device, seed=seed, task=task,
             val_frac=val_frac, max_tokens=max_tokens, resume=resume, amp=amp,
-            head_options=head_options(name, named, sets),
+            loader_workers=loader_workers, cache_mb=cache_mb, head_options=head_options(name, named, sets),
         )
         result = run_train(config)
     except VtxError as e:

@@ -1,11 +1,14 @@
-"""Token datasets over the feature cache (docs/FORMAT.md), held in memory.
+"""Token datasets over the feature cache (docs/FORMAT.md), streamed from disk.
 
 Stage 2 trains on cached tokens, not on video. A head names the cache datasets it reads
-(``head.features``) and its token axis (``head.level``); :func:`load_cache` reads exactly those
-datasets of every *labelled* video once, video by video through
-:class:`vtx.io.reader.CacheReader` (a shot token is ~2 KB, so thousands of videos fit in
-memory easily), and :func:`collate` pads them into the head's batch contract
-``{feature: float (B, L, *shape), "mask": bool (B, L)}`` (see ``vtx/heads/__init__.py``).
+(``head.features``) and its token axis (``head.level``). :func:`load_cache` checks every
+*labelled* video against the head from HDF5 metadata alone (no feature is read), and each
+video's tokens are then read on demand, video by video through
+:class:`vtx.io.reader.CacheReader`, when a :class:`TokenDataset` item is asked for; a bounded
+in-memory cache (:class:`TokenSource`, ``cache_bytes``) keeps recent videos, so memory does not
+grow with the cache and small caches are read once. :func:`collate` pads items into the head's
+batch contract ``{feature: float (B, L, *shape), "mask": bool (B, L)}`` (see
+``vtx/heads/__init__.py``).
 
 Each video's datasets are aligned on the head's token axis by
 :func:`vtx.train.tokens.align_tokens` (the same function ``vtx predict`` uses), which documents
@@ -30,8 +33,9 @@ cache. A missing or unreadable cache file raises :class:`vtx.io.reader.CacheFile
 
 from __future__ import annotations
 
+import os
 import sys
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +50,7 @@ from vtx.features import is_weight_free
 from vtx.io.reader import CacheReader
 from vtx.train.labels import LabelSet
 from vtx.train.tokens import HEAD_LEVELS as LEVELS
-from vtx.train.tokens import CacheDataError, align_tokens
+from vtx.train.tokens import CacheDataError, align_tokens, token_length
 
 __all__ = [
     "CacheData",
@@ -54,7 +58,9 @@ __all__ = [
     "MissingFeatureError",
     "MixedWeightsError",
     "NoLabelledVideosError",
+    "StreamedTokens",
     "TokenDataset",
+    "TokenSource",
     "VideoTokens",
     "collate",
     "load_cache",
@@ -73,6 +79,100 @@ class NoLabelledVideosError(CacheDataError):
     """No cached video matches the label file."""
 
 
+DEFAULT_CACHE_BYTES = 1 << 30
+"""Default budget of the in-memory token cache (1 GiB per process)."""
+
+
+class TokenSource:
+    """Reads one video's tokens for a head from the cache on demand.
+
+    Each process (DataLoader workers included) opens the cache itself on first use; the last
+    videos read are kept in memory while they fit in ``cache_bytes`` (least recently used go
+    first; a video larger than the budget is not kept).
+
+    Args:
+        cache: the HDF5 file.
+        features: the datasets read, in the head's order.
+        level: the head's token axis.
+        shapes: features whose rows keep their shape (the head's shaped inputs).
+        max_tokens: uniform subsample cap (:func:`subsample_indices`).
+        cache_bytes: budget of the in-memory cache.
+    """
+
+    def __init__(self, cache: Path, features: Sequence[str], level: str,
+                 shapes: Mapping[str, tuple], max_tokens: int | None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+        self.cache, self.features, self.level = Path(cache), tuple(features), level
+        self.shapes, self.max_tokens, self.cache_bytes = dict(shapes), max_tokens, cache_bytes
+        self.reads = 0  # videos read from disk by this process
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid, self._reader = None, None
+        self._kept: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        self._kept_bytes = 0
+
+    def __getstate__(self) -> dict:  # to DataLoader workers: no open file, no cached tokens
+        state = dict(self.__dict__)
+        state.update(_pid=None, _reader=None, _kept=OrderedDict(), _kept_bytes=0)
+        return state
+
+    def reader(self) -> CacheReader:
+        if self._pid != os.getpid():  # a new process: open the file here
+            self._reset()
+            self._reader, self._pid = CacheReader(self.cache), os.getpid()
+        return self._reader
+
+    def read(self, key: str, path: str = "") -> dict[str, np.ndarray]:
+        """``{feature: (L, D) or (L, *shape)}`` of video ``key``, subsampled to ``max_tokens``."""
+        if key in self._kept:
+            self._kept.move_to_end(key)
+            return self._kept[key]
+        reader = self.reader()
+        tokens = align_tokens(reader.arrays(key), self.features, self.level, shapes=self.shapes,
+                              levels={ft: reader.level(key, ft) for ft in self.features},
+                              dims={ft: _row_dim(reader, key, ft) for ft in self.features},
+                              video=path)
+        length = len(next(iter(tokens.values())))
+        idx = subsample_indices(length, self.max_tokens)
+        if len(idx) < length:
+            tokens = {ft: x[idx] for ft, x in tokens.items()}
+        self.reads += 1
+        size = sum(x.nbytes for x in tokens.values())
+        if size <= self.cache_bytes:
+            self._kept[key] = tokens
+            self._kept_bytes += size
+            while self._kept_bytes > self.cache_bytes:
+                _, old = self._kept.popitem(last=False)
+                self._kept_bytes -= sum(x.nbytes for x in old.values())
+        return tokens
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of tokens held in memory by this process."""
+        return self._kept_bytes
+
+
+class StreamedTokens(Mapping):
+    """A video's tokens as a mapping that reads them through a :class:`TokenSource` when
+    indexed; ``length`` is known without reading."""
+
+    def __init__(self, source: TokenSource, key: str, path: str, length: int):
+        self.source, self.key, self.path, self.length = source, key, path, length
+
+    def load(self) -> dict[str, np.ndarray]:
+        return self.source.read(self.key, self.path)
+
+    def __getitem__(self, feature: str) -> np.ndarray:
+        return self.load()[feature]
+
+    def __iter__(self):
+        return iter(self.source.features)
+
+    def __len__(self) -> int:
+        return len(self.source.features)
+
+
 @dataclass
 class VideoTokens:
     """One labelled video's tokens.
@@ -82,7 +182,8 @@ class VideoTokens:
         path: the cache's ``path`` attr (relative POSIX path of the video).
         label_key: the label file's key that matched ``path``.
         split: ``train``, ``val`` or ``test``.
-        tokens: ``{feature: (L, D) or (L, *shape)}``, all on one token axis, in the cache's dtype.
+        tokens: ``{feature: (L, D) or (L, *shape)}``, all on one token axis, in the cache's dtype:
+            a dict in memory, or :class:`StreamedTokens` that read from the cache when indexed.
         target: multi-hot float32 ``(C,)``, int64 class index ``()`` or float64 value ``()``.
     """
 
@@ -90,12 +191,20 @@ class VideoTokens:
     path: str
     label_key: str
     split: str
-    tokens: dict[str, np.ndarray]
+    tokens: Mapping[str, np.ndarray]
     target: np.ndarray
 
     @property
     def length(self) -> int:
+        if isinstance(self.tokens, StreamedTokens):
+            return self.tokens.length
         return len(next(iter(self.tokens.values())))
+
+    def read(self) -> dict[str, np.ndarray]:
+        """Every feature's tokens (one read of the video when streamed)."""
+        if isinstance(self.tokens, StreamedTokens):
+            return self.tokens.load()
+        return dict(self.tokens)
 
 
 @dataclass
@@ -174,7 +283,8 @@ class TokenDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         v = self.videos[i]
-        return {"tokens": {f: torch.from_numpy(v.tokens[f]) for f in self.features},
+        tokens = v.read()
+        return {"tokens": {f: torch.from_numpy(tokens[f]) for f in self.features},
                 "target": torch.from_numpy(np.asarray(v.target)), "index": i}
 
 
@@ -227,7 +337,8 @@ def _extract_command(cache: Path, have: Sequence[str], missing: Sequence[str],
 def load_cache(cache: str | Path, labels: LabelSet, features: Sequence[str] | Mapping[str, int | tuple],
                level: str = "shot",
                max_tokens: int | None = None,
-               log: Callable[[str], None] | None = None) -> CacheData:
+               log: Callable[[str], None] | None = None,
+               cache_bytes: int = DEFAULT_CACHE_BYTES) -> CacheData:
     """Read the tokens of every labelled video for a head reading ``features`` on ``level``.
 
     Args:
@@ -239,6 +350,7 @@ def load_cache(cache: str | Path, labels: LabelSet, features: Sequence[str] | Ma
         level: the head's token axis (``head.level``).
         max_tokens: cap on tokens per video (uniform subsample, see the module docstring).
         log: where notes go (stderr by default).
+        cache_bytes: budget of the in-memory token cache (:class:`TokenSource`).
 
     Raises:
         CacheFileError: the cache is missing or unreadable.
@@ -259,23 +371,22 @@ def load_cache(cache: str | Path, labels: LabelSet, features: Sequence[str] | Ma
         labelled = _labelled_videos(reader, labels)
         identity = _check_features(reader, labelled, features)
 
-        # 2. Read and align each video's tokens.
+        # 2. Check each video against the head from metadata; its tokens stream later.
+        source = TokenSource(cache, features, level, shapes, max_tokens, cache_bytes)
         videos: list[VideoTokens] = []
         n_empty = 0
         notes: dict[str, int] = defaultdict(int)
         for key, path, label_key in labelled:
-            levels = {ft: reader.level(key, ft) for ft in features}
-            tokens = align_tokens(reader.arrays(key), features, level, shapes=shapes,
-                                  levels=levels, dims={ft: _row_dim(reader, key, ft)
-                                                       for ft in features},
+            length = token_length({n: reader.shape(key, n) for n in reader.datasets(key)},
+                                  features, level, shapes=shapes,
+                                  levels={ft: reader.level(key, ft) for ft in features},
+                                  dims={ft: _row_dim(reader, key, ft) for ft in features},
                                   video=path, notes=notes)
-            length = len(next(iter(tokens.values())))
             if length == 0:
                 n_empty += 1
                 continue
-            idx = subsample_indices(length, max_tokens)
-            if len(idx) < length:
-                tokens = {ft: x[idx] for ft, x in tokens.items()}
+            tokens = StreamedTokens(source, key, path,
+                                    len(subsample_indices(length, max_tokens)))
             target = (np.asarray(labels.targets[label_key], dtype=np.float64)  # exact, for metrics
                       if labels.task == "regression" else labels.target_array(label_key))
             videos.append(VideoTokens(key=key, path=path, label_key=label_key,

@@ -42,7 +42,7 @@ from vtx.errors import UsageError
 from vtx.features import FEATURES
 from vtx.io.reader import infer_level
 
-__all__ = ["HEAD_LEVELS", "CacheDataError", "align_tokens"]
+__all__ = ["HEAD_LEVELS", "CacheDataError", "align_tokens", "token_length"]
 
 #: Token axes a head can read.
 HEAD_LEVELS = ("shot", "frame")
@@ -55,6 +55,111 @@ class CacheDataError(UsageError):
 
 def _frame_features() -> str:
     return ", ".join(n for n, s in FEATURES.items() if s.level == "frame")
+
+
+def token_length(shapes_of: Mapping[str, Sequence[int]], features: Sequence[str], level: str,
+                 *, shapes: Mapping[str, Sequence[int]] | None = None,
+                 levels: Mapping[str, str] | None = None,
+                 dims: Mapping[str, int] | None = None, video: str = "",
+                 notes: MutableMapping[str, int] | None = None) -> int:
+    """Check one video's datasets for a head from their *shapes* alone, and return ``L``.
+
+    Every refusal of :func:`align_tokens` depends only on shapes, so a cache can be checked for
+    a head from HDF5 metadata without reading any feature (``vtx train-head`` does, before
+    streaming tokens).
+
+    Args:
+        shapes_of: the video's datasets: name -> shape (a mapping may compute it on indexing).
+        features, level, shapes, levels, dims, video, notes: as in :func:`align_tokens`.
+
+    Raises:
+        CacheDataError: as :func:`align_tokens`.
+    """
+    if level not in HEAD_LEVELS:
+        raise CacheDataError(f"unknown token level {level!r}; valid levels: "
+                             f"{', '.join(HEAD_LEVELS)}")
+    shapes, levels, dims = shapes or {}, levels or {}, dims or {}
+
+    def rows(what: str, ft: str) -> int:
+        if what not in shapes_of:
+            raise CacheDataError(f"{video}: reading {ft!r} for a {level}-level head needs "
+                                 f"the video's {what!r} dataset, which the cache lacks; "
+                                 f"re-extract it")
+        return int(tuple(shapes_of[what])[0])
+
+    n_shots = rows("shots", "") if "shots" in shapes_of else None
+    lengths: dict[str, int] = {}
+    for ft in features:
+        if ft not in shapes_of:
+            raise CacheDataError(f"{video}: the video has no {ft!r} dataset; extract it with "
+                                 f"--features {ft}")
+        n, *row_shape = (int(d) for d in shapes_of[ft])
+        row_shape = tuple(row_shape)
+        dim = int(dims[ft]) if ft in dims else (int(np.prod(row_shape)) if row_shape else 0)
+        if ft in shapes:
+            want = tuple(int(d) for d in shapes[ft])
+            if row_shape != want:
+                raise CacheDataError(f"{video}: dataset {ft!r} has rows of shape {row_shape} but "
+                                     f"the head reads {want}; configure the head for the cache's "
+                                     f"shape")
+        elif len(row_shape) > 1 and int(np.prod(row_shape)) == dim:
+            row_shape = (dim,)  # flattened, e.g. motion (m, 2, g, g) -> (m, dim)
+        shaped = len(row_shape) > 1 and (ft in shapes or row_shape[-1] == dim)
+        if len(row_shape) != 1 and not shaped:
+            raise CacheDataError(f"{video}: dataset {ft!r} has rows of shape {row_shape}, not "
+                                 f"one {dim}-d vector per token; heads cannot read it")
+        ft_level = levels.get(ft) or infer_level(ft, shapes_of)
+        if ft_level == "shot":
+            if level == "frame":
+                raise CacheDataError(
+                    f"{video}: {ft!r} is a shot-level feature (one row per shot) but the head "
+                    f"reads frame tokens; use a frame-level feature ({_frame_features()})")
+            if n_shots is not None and n != n_shots:
+                raise CacheDataError(f"{video}: {ft!r} has {n} rows but 'shots' has "
+                                     f"{n_shots}; shot features must align on 'shots'")
+            lengths[ft] = n
+        elif ft_level == "frame":
+            n_frames = rows("frames", ft)
+            if n != n_frames:
+                raise CacheDataError(f"{video}: {ft!r} has {n} rows but 'frames' has "
+                                     f"{n_frames}; frame features must align on 'frames'")
+            lengths[ft] = rows("shots", ft) if level == "shot" else n
+        else:  # audio: rows on their own time axis
+            k = int(np.prod(tuple(shapes_of[f"{ft}_times"]))) // 2 if f"{ft}_times" in \
+                shapes_of else rows(f"{ft}_times", ft)
+            if k != n:
+                raise CacheDataError(f"{video}: {ft!r} has {n} rows but '{ft}_times' has {k}")
+            if n == 0 and notes is not None:
+                what = f"videos without {ft} rows (no audio) got zero {ft} tokens"
+                notes[what] = notes.get(what, 0) + 1
+            lengths[ft] = rows("shot_times" if level == "shot" else "frame_times", ft)
+    if len(set(lengths.values())) > 1:
+        raise CacheDataError(f"{video}: features do not share one token axis: {lengths}")
+    return next(iter(lengths.values()), 0)
+
+
+class _Shapes(Mapping):
+    """Shapes of a video's arrays, reading (once) only the arrays asked about."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]):
+        self.arrays, self.got = arrays, {}
+
+    def get_array(self, name: str) -> np.ndarray:
+        if name not in self.got:
+            self.got[name] = np.asarray(self.arrays[name])
+        return self.got[name]
+
+    def __getitem__(self, name: str) -> tuple[int, ...]:
+        return self.get_array(name).shape
+
+    def __contains__(self, name) -> bool:
+        return name in self.arrays
+
+    def __iter__(self):
+        return iter(self.arrays)
+
+    def __len__(self) -> int:
+        return len(self.arrays)
 
 
 def align_tokens(arrays: Mapping[str, np.ndarray], features: Sequence[str], level: str, *,
@@ -86,84 +191,34 @@ def align_tokens(arrays: Mapping[str, np.ndarray], features: Sequence[str], leve
     Raises:
         CacheDataError: a feature or a dataset the alignment needs is missing, a shot-level
             feature is read by a frame-level head, rows do not match ``shots`` / ``frames`` /
-            ``<name>_times``, rows are not vectors of ``dim``, or the features disagree on ``L``.
+            ``<name>_times``, rows are not vectors of ``dim``, or the features disagree on ``L``
+            (:func:`token_length`).
     """
-    if level not in HEAD_LEVELS:
-        raise CacheDataError(f"unknown token level {level!r}; valid levels: "
-                             f"{', '.join(HEAD_LEVELS)}")
+    got = _Shapes(arrays)
+    token_length(got, features, level, shapes=shapes, levels=levels, dims=dims, video=video,
+                 notes=notes)
     shapes, levels, dims = shapes or {}, levels or {}, dims or {}
-    got: dict[str, np.ndarray] = {}
-
-    def need(what: str, ft: str) -> np.ndarray:
-        if what not in got:
-            if what not in arrays:
-                raise CacheDataError(f"{video}: reading {ft!r} for a {level}-level head needs "
-                                     f"the video's {what!r} dataset, which the cache lacks; "
-                                     f"re-extract it")
-            got[what] = np.asarray(arrays[what])
-        return got[what]
-
-    shots = need("shots", "") if "shots" in arrays else None
-    frames = need("frames", "") if "frames" in arrays else None
-    if frames is not None and frames.ndim == 2:
-        frames = frames[:, 0]
-
     out: dict[str, np.ndarray] = {}
     for ft in features:
-        if ft not in arrays:
-            raise CacheDataError(f"{video}: the video has no {ft!r} dataset; extract it with "
-                                 f"--features {ft}")
-        x = np.asarray(arrays[ft])
-        row_shape = tuple(int(n) for n in x.shape[1:])
-        dim = int(dims[ft]) if ft in dims else (int(np.prod(row_shape)) if x.ndim > 1 else 0)
-        if ft in shapes:
-            want = tuple(int(n) for n in shapes[ft])
-            if row_shape != want:
-                raise CacheDataError(f"{video}: dataset {ft!r} has rows of shape {row_shape} but "
-                                     f"the head reads {want}; configure the head for the cache's "
-                                     f"shape")
-        elif x.ndim > 2 and int(np.prod(row_shape)) == dim:
+        x = got.get_array(ft)
+        dim = int(dims[ft]) if ft in dims else (int(np.prod(x.shape[1:])) if x.ndim > 1 else 0)
+        if ft not in shapes and x.ndim > 2 and int(np.prod(x.shape[1:])) == dim:
             x = x.reshape(len(x), dim)  # (rows, dim), e.g. motion (m, 2, g, g)
-        shaped = x.ndim > 2 and (ft in shapes or row_shape[-1] == dim)  # e.g. vit_patches (m, 196, 768)
-        if x.ndim != 2 and not shaped:
-            raise CacheDataError(f"{video}: dataset {ft!r} has rows of shape {x.shape[1:]}, not "
-                                 f"one {dim}-d vector per token; heads cannot read it")
         ft_level = levels.get(ft) or infer_level(ft, arrays)
-        if ft_level == "shot":
-            if level == "frame":
-                raise CacheDataError(
-                    f"{video}: {ft!r} is a shot-level feature (one row per shot) but the head "
-                    f"reads frame tokens; use a frame-level feature ({_frame_features()})")
-            if shots is not None and len(x) != len(shots):
-                raise CacheDataError(f"{video}: {ft!r} has {len(x)} rows but 'shots' has "
-                                     f"{len(shots)}; shot features must align on 'shots'")
-        elif ft_level == "frame":
-            frames = need("frames", ft) if frames is None else frames
-            if len(x) != len(frames):
-                raise CacheDataError(f"{video}: {ft!r} has {len(x)} rows but 'frames' has "
-                                     f"{len(frames)}; frame features must align on 'frames'")
+        if ft_level == "frame" and level == "shot":
+            frames, shots = got.get_array("frames"), got.get_array("shots")
+            frames = frames[:, 0] if frames.ndim == 2 else frames
+            pooled = _pool_rows(x.reshape(len(x), -1), frames,  # (m, D') flat rows
+                                shots[:, 1].astype(np.float64),
+                                (shots[:, 0] + shots[:, 1] - 1) / 2)  # (n_shots, D')
+            x = pooled.reshape(-1, *x.shape[1:])  # (n_shots, D) or (n_shots, *shape)
+        elif ft_level == "audio":
+            times = got.get_array(f"{ft}_times").reshape(-1, 2)  # (k, 2)
             if level == "shot":
-                shots = need("shots", ft)
-                pooled = _pool_rows(x.reshape(len(x), -1), frames,  # (m, D') flat rows
-                                    shots[:, 1].astype(np.float64),
-                                    (shots[:, 0] + shots[:, 1] - 1) / 2)  # (n_shots, D')
-                x = pooled.reshape(-1, *x.shape[1:])  # (n_shots, D) or (n_shots, *shape)
-        else:  # audio: rows on their own time axis
-            times = need(f"{ft}_times", ft).reshape(-1, 2)  # (k, 2)
-            if len(times) != len(x):
-                raise CacheDataError(f"{video}: {ft!r} has {len(x)} rows but '{ft}_times' has "
-                                     f"{len(times)}")
-            if len(x) == 0 and notes is not None:
-                what = f"videos without {ft} rows (no audio) got zero {ft} tokens"
-                notes[what] = notes.get(what, 0) + 1
-            if level == "shot":
-                x = _pool_overlapping(x, times, need("shot_times", ft).astype(np.float64))
+                x = _pool_overlapping(x, times, got.get_array("shot_times").astype(np.float64))
             else:
-                x = _covering_rows(x, times, need("frame_times", ft).astype(np.float64))
+                x = _covering_rows(x, times, got.get_array("frame_times").astype(np.float64))
         out[ft] = x
-    lengths = {ft: len(x) for ft, x in out.items()}
-    if len(set(lengths.values())) > 1:
-        raise CacheDataError(f"{video}: features do not share one token axis: {lengths}")
     return out
 
 

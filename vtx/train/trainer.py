@@ -105,6 +105,10 @@ class TrainConfig:
         task: ``multilabel``, ``multiclass`` or ``regression``; inferred from the labels if None.
         val_frac: share of videos hashed into ``val`` when the labels give no split.
         max_tokens: cap on tokens per video (uniform subsample); None keeps all.
+        loader_workers: DataLoader worker processes reading tokens from the cache (0: the
+            training process reads them itself).
+        cache_mb: memory budget, per process, of recently read videos' tokens (tokens stream
+            from the cache; peak memory does not grow with the cache beyond this).
         resume: continue from ``out/last.pt``.
         amp: fp16 autocast and gradient scaling on CUDA (ignored on the CPU).
         head_options: head config fields (e.g. ``{"n_layers": 1}``); ``n_outputs`` and feature
@@ -127,6 +131,8 @@ class TrainConfig:
     task: str | None = None
     val_frac: float = 0.2
     max_tokens: int | None = None
+    loader_workers: int = 0
+    cache_mb: int = 1024
     resume: bool = False
     amp: bool = True
     head_options: dict = field(default_factory=dict)
@@ -219,19 +225,23 @@ def input_stats(data, features) -> dict[str, tuple[Tensor, Tensor]]:
     """Per-dimension mean and std of each feature over every token of the train split (all
     videos when there is none), for the head's input standardisation."""
     videos = [v for v in data.videos if v.split == "train"] or data.videos
-    out = {}
-    for name in features:
-        # Shaped tokens (e.g. patches (196, 768)) are standardised over their last dimension:
-        # accumulate sums per video in float64 rather than concatenating everything.
-        n, total, squares = 0, 0.0, 0.0
-        for v in videos:
-            x = np.asarray(v.tokens[name], np.float64)
+    # Shaped tokens (e.g. patches (196, 768)) are standardised over their last dimension:
+    # accumulate sums per video in float64 (one streamed read of each video), never
+    # concatenating everything.
+    sums = {name: [0, 0.0, 0.0] for name in features}  # rows, sum, sum of squares
+    for v in videos:
+        tokens = v.read()
+        for name in features:
+            x = np.asarray(tokens[name], np.float64)
             if not len(x):
                 continue
             x = x.reshape(-1, x.shape[-1])
-            n += len(x)
-            total = total + x.sum(0)
-            squares = squares + (x * x).sum(0)
+            acc = sums[name]
+            acc[0] += len(x)
+            acc[1] = acc[1] + x.sum(0)
+            acc[2] = acc[2] + (x * x).sum(0)
+    out = {}
+    for name, (n, total, squares) in sums.items():
         if not n:
             continue
         mean = total / n
@@ -525,6 +535,8 @@ def _rank0_log(log: Callable[[str], None] | None, d: Dist) -> Callable[[str], No
 def _check_options(config: TrainConfig, files: RunFiles) -> None:
     if config.epochs < 1 or config.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be at least 1")
+    if config.loader_workers < 0 or config.cache_mb < 0:
+        raise UsageError("--loader-workers and --cache-mb must be at least 0")
     if config.patience < 1:
         raise UsageError("--patience must be at least 1")
     if config.warmup_epochs < 0 or config.lr <= 0:
@@ -541,7 +553,8 @@ def _load_data_and_head(config: TrainConfig, device: torch.device,
     labels = load_labels(config.labels, task=config.task, val_frac=config.val_frac)
     n_outputs = 1 if labels.task == "regression" else len(labels.vocab)
     proto = build_head_for(config.head, n_outputs, None, config.head_options)
-    data = load_cache(config.features, labels, proto.inputs, proto.level, config.max_tokens, log)
+    data = load_cache(config.features, labels, proto.inputs, proto.level, config.max_tokens, log,
+                      cache_bytes=config.cache_mb << 20)
     torch.manual_seed(config.seed)
     head = build_head_for(config.head, n_outputs, data.dims, config.head_options)
     if labels.task == "regression" and not config.resume:
@@ -581,11 +594,14 @@ def _loaders(config: TrainConfig, train_set: TokenDataset, val_set: TokenDataset
     """This rank's shuffled shard of the training videos, and all validation videos in order."""
     sampler = DistributedSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True,
                                  seed=config.seed, drop_last=False)
+    workers = config.loader_workers
     train_loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler,
-                              collate_fn=collate, num_workers=0,
+                              collate_fn=collate, num_workers=workers,
+                              persistent_workers=workers > 0,
                               generator=torch.Generator().manual_seed(config.seed))
     val_loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False,
-                            collate_fn=collate, num_workers=0,
+                            collate_fn=collate, num_workers=workers,
+                            persistent_workers=workers > 0,
                             generator=torch.Generator().manual_seed(config.seed))
     return train_loader, val_loader
 
