@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
-
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +18,7 @@ import pytest
 
 from conftest import vtx_env
 from vtx import SCHEMA_VERSION, __version__
-from vtx.errors import CacheInUse, CacheMismatch
+from vtx.errors import CacheInUse, CacheMismatch, ReadOnly
 from vtx.features import FEATURES
 from vtx.io import cache as cache_mod
 from vtx.io.cache import CacheWriter, video_key
@@ -287,3 +289,283 @@ def test_too_many_consecutive_decode_errors_fail_the_video(tmp_path, monkeypatch
     s = run(videos / "corrupt_middle.mp4", tmp_path / "feats.h5")
     assert s.failed == 1 and "consecutive packets failed" in s.failures[0][1]
 
+
+
+# ----------------------------------------------------------------------------- faults
+# Disk full, read-only places, the kill point inside a shard's .tmp file, checksums.
+
+ALL_RANDOM = ["--features", "all", "--weights", "random", "--batch-size", "2", "--no-progress"]
+
+
+
+def cli_run(args: list[str], **env: str):
+    """``vtx ARGS`` in this process (click's runner): exit code, stdout and stderr."""
+    from click.testing import CliRunner
+
+    from vtx.cli.main import cli
+    return CliRunner().invoke(cli, args, env=env or None)
+
+
+def tiny_videos(folder: Path, n: int) -> Path:
+    """``n`` small two-shot videos of one design (so their features take the same space)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        write_video(folder / f"v{i}.mp4", [Shot(12, i), Shot(12, i + 3, (1, 0))], size=(64, 48),
+                    fps=25, seed=i)
+    return folder
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A fresh 16 MB tmpfs (Linux, root only); skips elsewhere."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root on Linux")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.fixture
+def freeze(tmp_path):
+    """``freeze(folder)``: a read-only copy of ``folder`` (a read-only tmpfs mount as root, where
+    permissions do not stop writes; a folder without write permission otherwise)."""
+    frozen = []
+
+    def make(src: Path) -> Path:
+        dst = tmp_path / f"ro{len(frozen)}"
+        dst.mkdir()
+        if os.geteuid() == 0:
+            r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(dst)],
+                               capture_output=True, text=True)
+            if r.returncode:
+                pytest.skip(f"root, and cannot mount a tmpfs to make read-only: {r.stderr}")
+            frozen.append(("mount", dst))
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+            subprocess.run(["mount", "-o", "remount,ro", str(dst)], check=True)
+        else:
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+            for p in [dst, *dst.rglob("*")]:
+                p.chmod(p.stat().st_mode & ~0o222)
+            frozen.append(("chmod", dst))
+        return dst
+
+    yield make
+    for how, dst in frozen:
+        if how == "mount":
+            subprocess.run(["umount", "-l", str(dst)], capture_output=True)
+        else:
+            for p in [dst, *dst.rglob("*")]:
+                p.chmod(p.stat().st_mode | 0o200)
+
+
+def group_datasets(cache: Path, key: str) -> tuple[dict, dict]:
+    """A cached video's (group attrs, {name: (array, attrs)}), as ``write_video`` takes them."""
+    with h5py.File(cache) as f:
+        g = f["videos"][key]
+        return dict(g.attrs), {n: (g[n][()], dict(g[n].attrs)) for n in g}
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    x, y = datasets(a), datasets(b)
+    assert x.keys() == y.keys()
+    for k in x:
+        if x[k].dtype.kind in "SUO":
+            assert np.array_equal(x[k], y[k]), k
+        else:
+            np.testing.assert_allclose(x[k].astype(float), y[k].astype(float), rtol=0,
+                                       atol=1e-3, err_msg=k)
+
+
+def test_every_dataset_carries_a_fletcher32_checksum(synth_cache):
+    with h5py.File(synth_cache) as f:
+        names = [f"{k}/{n}" for k, g in f["videos"].items() for n in g]
+        assert len(names) > 10
+        for n in names:
+            assert f["videos"][n].fletcher32, n
+
+
+def test_shard_space_reservation_covers_what_hdf5_writes(tmp_path):
+    """HDF5 must never write past the reserved bytes (there a full disk would hit HDF5)."""
+    cases = {
+        "many chunks": {"x": (np.ones((5000, 512), np.float16), {"model": "m", "dim": 512})},
+        "many datasets": {f"d{i}": (np.full((3, 7), i, np.float32), {"level": "shot"})
+                          for i in range(60)},
+        "empty": {"shots": (np.zeros((0, 2), np.int64), {})},
+        "tiny chunks": {"t": (np.ones((20000, 8), np.float16), {}, 1)},
+    }
+    w = CacheWriter(tmp_path / "feats.h5")
+    for i, (what, ds) in enumerate(cases.items()):
+        attrs = {"path": f"{i}.mp4", "codec": "h264"}
+        w.write_video(f"{i}.mp4", attrs, ds, replace=True)
+        shard = max(w.parts.glob("*.h5"))
+        assert shard.stat().st_size <= cache_mod.part_bytes(ds, attrs), what
+    w.close()
+    with h5py.File(tmp_path / "feats.h5") as f:
+        assert f["videos"]["0.mp4"]["x"][()].astype(np.float64).sum() == 5000 * 512
+
+
+@pytest.fixture(scope="module")
+def three_videos(tmp_path_factory) -> tuple[Path, Path]:
+    """(three tiny videos, their cache with --features all --weights random)."""
+    root = tmp_path_factory.mktemp("three")
+    videos = tiny_videos(root / "videos", 3)
+    run(videos, root / "ref.h5", features="all", weights="random", batch_size=2)
+    return videos, root / "ref.h5"
+
+
+def fake_full_disk(monkeypatch, budget: int) -> None:
+    """``posix_fallocate`` fails with ENOSPC after ``budget`` more calls, as on a full disk."""
+    real, left = os.posix_fallocate, [budget]
+
+    def fallocate(fd, offset, length):
+        if left[0] <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        left[0] -= 1
+        return real(fd, offset, length)
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+
+
+@pytest.mark.parametrize("how", ["tmpfs", "injected"])
+def test_disk_full_is_a_clear_error_that_loses_nothing(how, three_videos, tmp_path, request,
+                                                       monkeypatch):
+    """A tmpfs that fills up (as root on Linux, so in CI), else an ENOSPC injected where a full
+    disk reports it: the cache stays untouched, finished videos are kept, a rerun completes."""
+    videos, ref = three_videos
+    disk = request.getfixturevalue("tmpfs") if how == "tmpfs" else tmp_path / "disk"
+    disk.mkdir(exist_ok=True)
+    out = disk / "feats.h5"
+    parts = Path(str(out) + ".parts")
+    run(videos / "v0.mp4", out, features="all", weights="random", batch_size=2)
+    before = out.read_bytes()
+    args = ["extract", "--videos", str(videos), "--out", str(out), *ALL_RANDOM]
+
+    # 1. the disk fills while a video's shard is written (a real process: no crash, exit 5)
+    filler = disk / "filler"
+    if how == "tmpfs":  # room for one more video's shard, not for two
+        attrs, ds = group_datasets(ref, "v1.mp4")
+        data = sum(a.nbytes for a, _ in ds.values())
+        leave = cache_mod.part_bytes(ds, attrs) + int(0.4 * data)
+        fd = os.open(filler, os.O_CREAT | os.O_WRONLY)
+        os.posix_fallocate(fd, 0, shutil.disk_usage(disk).free - leave)
+        os.close(fd)
+        p = subprocess.run(VTX + args, env=vtx_env(), capture_output=True, text=True,
+                           timeout=300)
+        code, err = p.returncode, p.stderr
+    else:  # the second shard's reservation fails as on a full disk
+        fake_full_disk(monkeypatch, 1)
+        r = cli_run(args)
+        code, err = r.exit_code, r.stderr
+        assert isinstance(r.exception, SystemExit), r.exception
+    assert code == 5, err
+    assert "Traceback" not in err and err.startswith("vtx: error: no space left")
+    assert f"{parts}" in err and "needs about" in err and "is free" in err
+    assert "v2.mp4" in err and "rerun the same command" in err
+    assert out.read_bytes() == before  # the cache is untouched
+    assert len(list(parts.glob("*.h5"))) == 1  # the finished video is kept
+    assert not list(parts.glob("*.tmp")) and not Path(str(out) + ".merge-tmp").exists()
+    assert not Path(str(out) + ".lock").exists()
+
+    # 2. a rerun while still full: the merge checks (or reserves) its space before writing
+    if how == "injected":
+        fake_full_disk(monkeypatch, 0)
+    r = cli_run(args)
+    assert r.exit_code == 5 and isinstance(r.exception, SystemExit), r.stderr
+    assert "merging 1 finished video(s)" in r.stderr and "needs about" in r.stderr
+    assert str(disk) in r.stderr
+    assert out.read_bytes() == before and len(list(parts.glob("*.h5"))) == 1
+    assert not Path(str(out) + ".merge-tmp").exists()
+
+    # 3. space freed: the rerun merges the kept video and computes only the last one
+    filler.unlink(missing_ok=True)
+    monkeypatch.undo()
+    r = cli_run(args + ["--json"])
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert (summary["done"], summary["skipped"]) == (1, 2)
+    assert_same_cache(ref, out)
+    assert not parts.exists()
+
+
+def test_kill_while_a_shard_tmp_file_is_written_then_resume_equals_uninterrupted_run(tmp_path):
+    videos = tiny_videos(tmp_path / "videos", 3)
+    args = ["extract", "--videos", str(videos), "--batch-size", "1", "--no-progress",
+            "--features", "resnet18,motion", "--weights", "random"]
+    ref = tmp_path / "ref.h5"
+    run(videos, ref, features="resnet18,motion", weights="random", batch_size=1)
+    out = tmp_path / "feats.h5"
+    parts = Path(str(out) + ".parts")
+    env = {**vtx_env(), cache_mod.KILL_IN_PART_ENV: "2"}  # inside the second video's shard
+    r = subprocess.run(VTX + args + ["--out", str(out)], env=env, capture_output=True,
+                       timeout=300)
+    assert r.returncode == -signal.SIGKILL
+    assert not out.exists()  # never merged
+    assert len(list(parts.glob("*.h5"))) == 1  # the first video finished
+    torn = list(parts.glob("*.tmp"))
+    assert len(torn) == 1 and torn[0].stat().st_size > 0  # killed mid-write
+    r = cli_run(args + ["--out", str(out), "--json"])
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert (summary["done"], summary["skipped"]) == (2, 1)
+    assert_same_cache(ref, out)
+    assert not parts.exists()
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory) -> tuple[Path, Path]:
+    """(videos folder, folder holding feats.h5 of those videos with resnet18)."""
+    root = tmp_path_factory.mktemp("small")
+    videos = tiny_videos(root / "videos", 2)
+    (root / "cache").mkdir()
+    run(videos, root / "cache" / "feats.h5", features="resnet18", weights="random")
+    return videos, root / "cache"
+
+
+def test_read_only_cache_with_nothing_to_do_exits_0_and_says_so(small_cache, freeze):
+    videos, folder = small_cache
+    ro = freeze(folder)
+    before = (ro / "feats.h5").read_bytes()
+    r = cli_run(["extract", "--videos", str(videos), "--out", str(ro / "feats.h5"),
+                 "--features", "resnet18", "--weights", "random", "--no-progress", "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["skipped"] == 2
+    assert "read-only" in r.stderr and "nothing to do" in r.stderr
+    assert (ro / "feats.h5").read_bytes() == before
+
+
+@pytest.mark.parametrize("extra", [["--features", "resnet18,vit"], ["--overwrite"]],
+                         ids=["new-feature", "overwrite"])
+def test_read_only_cache_that_must_be_written_names_the_path(small_cache, freeze, extra):
+    videos, folder = small_cache
+    ro = freeze(folder)
+    args = ["extract", "--videos", str(videos), "--out", str(ro / "feats.h5"), "--weights",
+            "random", "--no-progress"]
+    if "--features" not in extra:
+        args += ["--features", "resnet18"]
+    r = cli_run(args + extra)
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.stderr
+    assert f"{ro / 'feats.h5'} must be written" in r.stderr and str(ro) in r.stderr
+    assert ("read-only" in r.stderr) or ("no permission" in r.stderr)
+
+
+def test_new_cache_in_a_read_only_folder_is_refused_before_any_work(tmp_path, freeze):
+    ro = freeze(tiny_videos(tmp_path / "videos", 1))
+    with pytest.raises(ReadOnly, match="does not exist yet"):
+        run(ro, ro / "feats.h5", features="resnet18", weights="random")
+
+
+def test_train_head_out_in_a_read_only_folder_is_refused_before_training(small_cache, freeze,
+                                                                         tmp_path):
+    _, folder = small_cache
+    ro = freeze(folder)
+    # the labels file does not exist: the run folder is checked before anything is read
+    r = cli_run(["train-head", "meanpool", "--features", str(ro / "feats.h5"), "--labels",
+                 str(tmp_path / "missing.csv"), "--out", str(ro / "runs" / "a"), "--epochs", "1"])
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.stderr
+    assert f"--out {ro / 'runs' / 'a'}" in r.stderr and str(ro) in r.stderr
+    assert "cannot be written" in r.stderr and "epoch" not in r.stdout + r.stderr
+    assert not (ro / "runs").exists()

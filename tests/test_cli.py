@@ -105,3 +105,18 @@ def test_demo_end_to_end_offline(tmp_path):
     for head in ("stan", "meanpool"):
         assert (out / "runs" / head / "best.pt").exists()
         assert (out / "runs" / head / "metrics.jsonl").read_text().count("\n") == 2
+
+
+def test_help_documents_disk_full_damage_and_check():
+    r = CliRunner().invoke(cli, ["extract", "--help"])
+    assert "5  disk full" in r.output and "6  the cache is damaged" in r.output
+    assert "read-only" in r.output and "vtx check" in r.output
+    r = CliRunner().invoke(cli, ["check", "--help"])
+    assert r.exit_code == 0
+    for text in ("--repair", "--json", "Fletcher-32", "0  no damage found",
+                 "6  damaged videos found", "5  --repair: disk full", "carry none"):
+        assert text in r.output, text
+    for command in (["train-head", "--help"], ["evaluate", "--help"]):
+        r = CliRunner().invoke(cli, command)
+        assert "6  the feature cache is damaged (see vtx check)" in r.output
+    assert "read-only --out" in CliRunner().invoke(cli, ["train-head", "--help"]).output

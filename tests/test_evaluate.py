@@ -168,3 +168,43 @@ def test_evaluate_help_documents_exit_codes():
     for opt in ("--features", "--labels", "--split", "--predictions-out", "--json"):
         assert opt in r.output
     assert "Exit codes:" in r.output and "2  bad usage" in r.output
+
+
+def test_videos_without_a_positive_class_train_and_evaluate(tmp_path):
+    """Rows with an empty labels field (``clip.mp4,,train``) are all-negative targets: training
+    keeps them, and evaluate's metrics on them are scikit-learn's, a class with no positive in
+    the split included."""
+    cache, labels, _ = make_cache(tmp_path, task="multilabel", n_videos=24, n_classes=3)
+    with open(labels, newline="") as fh:
+        header, *rows = list(csv.reader(fh))
+    for i, row in enumerate(rows):
+        if i % 4 == 0:
+            row[1] = ""                                       # no class applies
+        elif row[2] == "test":
+            row[1] = "|".join(c for c in row[1].split("|") if c != "c2") or "c0"
+    with open(labels, "w", newline="") as fh:
+        csv.writer(fh).writerows([header, *rows])
+    out = tmp_path / "run"
+    logs = []
+    train_head(config(cache, labels, out, epochs=2), log=logs.append)
+    assert "24 labelled videos" in " ".join(logs)             # none dropped
+    preds = tmp_path / "preds.csv"
+    with pytest.warns(UserWarning, match=r"no positive sample for class indices \[2\]"):
+        result = evaluate_run(out, cache, labels, split="test", predictions_out=preds,
+                              device="cpu", log=quiet)
+    ls = load_labels(labels)
+    _, pred_rows = _read_csv(preds)
+    y = np.array([[int(c in ls.targets[r[0]]) for c in ls.vocab] for r in pred_rows])
+    assert (y.sum(1) == 0).any() and y[:, 2].sum() == 0
+    scores = np.array([[float(v) for v in r[1:]] for r in pred_rows])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert result["mAP_weighted"] == pytest.approx(
+            average_precision_score(y, scores, average="weighted"), rel=1e-9)
+        assert result["mAP_macro"] == pytest.approx(
+            average_precision_score(y, scores, average="macro"), rel=1e-9)
+        p, rc, f1, _ = precision_recall_fscore_support(y, scores >= 0.5, average="weighted",
+                                                       zero_division=0)
+    assert (result["precision_weighted"], result["recall_weighted"],
+            result["f1_weighted"]) == pytest.approx((p, rc, f1), rel=1e-9)

@@ -127,8 +127,9 @@ def moving(tmp_path_factory):
     shot = Shot(30, 1, (3, 0))
     write_video(d / "move.mp4", [shot], size=(224, 224), fps=25, gop=250, bframes=0)
     out = d / "feats.h5"
+    # full-frame grids: on a 224 x 224 frame, 14 x 14 cells are exactly the macroblocks
     s = run(d / "move.mp4", out, features=("motion", "residual"),
-            frames=FrameSampling(frame_rate=25.0), residual_size=56)
+            frames=FrameSampling(frame_rate=25.0), residual_size=56, full_frame_grids=True)
     assert s.done == 1
     return out, shot
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from vtx.heads import HEADS, build_head, config_class
+from vtx.heads import HEADS, build_head, config_class, saved_config
 from vtx.heads.base import HeadConfig, input_shape
 from vtx.heads.blocks import merge_masks
 
@@ -31,9 +31,12 @@ ZERO_INIT = ("temporal_fc", "pos_time", "fc_time", "fc_cross")
 
 
 def golden_head(name: str, config: dict) -> nn.Module:
-    """The head as the golden values were made: seed 0, zero-initialised layers set at random."""
+    """The head as the golden values were made: seed 0, zero-initialised layers set at random.
+
+    The golden configs are the previous version's, so they are read as a checkpoint's are
+    (:func:`vtx.heads.saved_config`: fields added since take their legacy values)."""
     torch.manual_seed(0)
-    head = build_head(name, n_outputs=N_OUT, **config).eval()
+    head = build_head(name, n_outputs=N_OUT, **saved_config(name, config)).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for pname, p in head.named_parameters():
@@ -59,7 +62,7 @@ def test_cases_cover_every_head():
 
 @pytest.mark.parametrize("name,config", CASES)
 def test_state_dict_keys_are_those_of_the_previous_version(name, config, request):
-    head = build_head(name, n_outputs=N_OUT, **config)
+    head = build_head(name, n_outputs=N_OUT, **saved_config(name, config))
     assert sorted(head.state_dict()) == GOLDEN[request.node.callspec.id]["state_dict_keys"]
 
 
@@ -96,7 +99,7 @@ def test_forward_is_forward_head_of_forward_features(name, config):
 
 @pytest.mark.parametrize("name,config", CASES)
 def test_no_weight_decay_is_exactly_the_cls_tokens(name, config):
-    head = build_head(name, n_outputs=N_OUT, **config)
+    head = build_head(name, n_outputs=N_OUT, **saved_config(name, config))
     params = dict(head.named_parameters())
     cls_tokens = {n for n, p in params.items() if p.ndim >= 2 and "cls" in n}  # the trainer's old rule
     assert head.no_weight_decay() == cls_tokens

@@ -282,7 +282,8 @@ def test_attention_matches_torch_multihead_attention():
     slow, weights = ours(x, mask, return_attention=True)
     torch.testing.assert_close(fast, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(slow, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(weights, want_w, atol=1e-6, rtol=1e-5)
+    assert weights.shape == (2, 4, 1, 9)  # only the first query's (CLS's) row
+    torch.testing.assert_close(weights, want_w[:, :, :1], atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["bool", "additive"])
@@ -290,14 +291,15 @@ def test_attention_takes_a_general_mask_like_torch(kind):
     ours, ref = attention_and_torch_reference()
     x = torch.randn(2, 6, 16)
     keys = torch.tensor([[1] * 6, [1] * 4 + [0] * 2]).bool()
-    causal = torch.ones(6, 6).tril().bool()  # True: may attend
+    causal = ~torch.eye(6).bool()  # True: may attend; nobody attends to itself
     want, want_w = ref(x, x, x, key_padding_mask=~keys, attn_mask=~causal, average_attn_weights=False)
     mask = causal if kind == "bool" else torch.zeros(6, 6).masked_fill(~causal, float("-inf"))
     fast, _ = ours(x, keys, attn_mask=mask)
     slow, weights = ours(x, keys, return_attention=True, attn_mask=mask)
     torch.testing.assert_close(fast, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(slow, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(weights, want_w, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(weights, want_w[:, :, :1], atol=1e-6, rtol=1e-5)
+    assert weights[:, :, 0, 0].eq(0).all()  # the general mask reached the returned row
 
 
 @pytest.mark.parametrize("norm_first", [pytest.param(False, id="post-ln"), pytest.param(True, id="pre-ln")])
@@ -425,7 +427,9 @@ def test_stan_streams_share_one_sinusoidal_table(audio):
     [
         pytest.param("stan", STAN_TINY, True, id="stan"),
         pytest.param("vtn", VTN_TINY, True, id="vtn-learned"),
+        pytest.param("vtn", dict(VTN_TINY, pos="fixed"), True, id="vtn-fixed"),
         pytest.param("vtn", dict(VTN_TINY, pos="none", window=64), False, id="vtn-no-pos-full-window"),
+        pytest.param("vtn", dict(VTN_TINY, revision=1), True, id="vtn-learned-rev1"),
         pytest.param("lstm", BASE_TINY, True, id="lstm"),
         pytest.param("meanpool", BASE_TINY, False, id="meanpool"),
     ],
@@ -435,9 +439,14 @@ def test_token_order_sensitivity(name, cfg, sensitive):
     batch = make_batch(head, lengths=(9, 9))
     perm = torch.randperm(9, generator=torch.Generator().manual_seed(3))
     shuffled = {k: (v if k == "mask" else v[:, perm]) for k, v in batch.items()}
+    other = {k: (v if k == "mask" else torch.randn_like(v)) for k, v in batch.items()}
     with torch.no_grad():
-        same = torch.allclose(head(shuffled), head(batch), atol=1e-5)
-    assert same is not sensitive
+        ref = head(batch)
+        # "same" up to float error, measured against what other inputs change (VTN's
+        # normal(0, 0.02) initialisation keeps its outputs small)
+        scale = (head(other) - ref).abs().max()
+        same = (head(shuffled) - ref).abs().max() <= 1e-4 * scale
+    assert bool(same) is not sensitive
 
 
 def test_meanpool_is_mlp_of_masked_mean():
@@ -468,6 +477,9 @@ def _vtn_encoder_outputs(n_layers, x, mask):
     torch.manual_seed(0)
     head = build_head("vtn", n_outputs=2, **dict(VTN_TINY, n_layers=n_layers, window=4)).eval()
     with torch.no_grad():
+        for p in head.encoder.parameters():  # larger than normal(0, 0.02), so changes show
+            if p.ndim == 2:
+                p.normal_(0.0, 0.3)
         return head.encoder(x, mask)[0]
 
 

@@ -60,6 +60,31 @@ def test_single_label_rows_may_be_read_as_multilabel(tmp_path):
     np.testing.assert_array_equal(ls.target_array("b"), [0, 1])
 
 
+def test_empty_labels_field_is_an_all_negative_multilabel_target(tmp_path):
+    path = write(tmp_path, "video,labels,split\n"
+                           "clip.mp4,,train\n"
+                           "a.mp4,Drama,train\n"
+                           "b.mp4,Action,val\n"
+                           "c.mp4,   ,test\n")
+    ls = load_labels(path)
+    assert ls.task == "multilabel"  # no row has two classes: the empty ones decide
+    assert ls.vocab == ["Action", "Drama"]
+    assert ls.targets["clip.mp4"] == () and ls.targets["c.mp4"] == ()
+    assert ls.splits["clip.mp4"] == "train"
+    np.testing.assert_array_equal(ls.target_array("clip.mp4"), [0, 0])
+    np.testing.assert_array_equal(ls.target_array("a.mp4"), [0, 1])
+    # with the checkpoint's vocabulary (evaluate, predict) too
+    ls = load_labels(path, task="multilabel", vocab=["Drama", "Action", "Comedy"])
+    np.testing.assert_array_equal(ls.target_array("clip.mp4"), [0, 0, 0])
+
+
+def test_empty_labels_field_is_refused_by_a_multiclass_task(tmp_path):
+    path = write(tmp_path, "video,labels\na,X\nb,\n")
+    with pytest.raises(LabelError, match=r"labels.csv:3: empty 'labels' field, but the task is "
+                                         r"multiclass.*--task multilabel"):
+        load_labels(path, task="multiclass")
+
+
 def test_regression_csv(tmp_path):
     path = write(tmp_path, "video,value\na,7.5\nb,-1e-3\n")
     ls = load_labels(path)
@@ -264,7 +289,7 @@ def test_labelset_validates_itself():
     pytest.param("labels,split\nX,train\n", r"no 'video' column", id="video-missing"),
     pytest.param("video,labels,value\na,X,1\n", r"exactly one of 'labels'", id="both"),
     pytest.param("video,labels\n", r"has a header but no rows", id="no-rows"),
-    pytest.param("video,labels\na,X\nb,\n", r"labels.csv:3: empty 'labels' field", id="empty"),
+    pytest.param("video,labels\na,\nb,\n", r"every 'labels' field is empty", id="all-empty"),
     pytest.param("video,labels\na,X||Y\n", r":2: empty class name in 'X\|\|Y'", id="empty-part"),
     pytest.param("video,labels\na,X\n,Y\n", r":3: empty 'video' field", id="empty-video"),
     pytest.param("video,labels\na,X,extra\n", r":2: 3 fields, but the header names 2",

@@ -84,6 +84,39 @@ def test_per_class_table_matches_sklearn():
             assert row["f1"] == pytest.approx(f[c], **EXACT), seed
 
 
+def test_all_negative_videos_and_a_class_without_positives_match_sklearn():
+    """Videos with no positive class (empty labels fields) and a class with no positive in the
+    split: every metric and the per-class table are scikit-learn's."""
+    rng = np.random.default_rng(7)
+    y = (rng.random((30, 5)) < 0.4).astype(np.int64)
+    y[::3] = 0          # every third video: no class applies
+    y[:, 2] = 0         # class 2: no positive in this split
+    scores = np.round(rng.random((30, 5)), 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = sklearn_multilabel(y, scores)
+        ap = skm.average_precision_score(y, scores, average=None)
+    with pytest.warns(UserWarning, match=r"no positive sample for class indices \[2\]"):
+        ours = multilabel_metrics(y, scores)
+    for key, value in ref.items():
+        assert ours[key] == pytest.approx(float(value), **EXACT), key
+    with pytest.warns(UserWarning):
+        rows = per_class_table(y, scores, list("abcde"))
+    assert rows[2]["support"] == 0 and rows[2]["AP"] == 0.0 == ap[2]
+    for c, row in enumerate(rows):
+        assert row["AP"] == pytest.approx(ap[c], **EXACT)
+    # An all-negative video changes the metrics only through its scores: a high score on it is a
+    # false positive (precision and AP fall), a low one changes nothing.
+    base_y, base_s = y[1:3], scores[1:3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        low = multilabel_metrics(np.vstack([base_y, np.zeros((1, 5), int)]),
+                                 np.vstack([base_s, np.zeros((1, 5))]))
+        plain = multilabel_metrics(base_y, base_s)
+    assert low["mAP_weighted"] == pytest.approx(plain["mAP_weighted"])
+    assert low["precision_weighted"] == pytest.approx(plain["precision_weighted"])
+
+
 def test_ap_is_stepwise_not_interpolated():
     # Ranked: neg, pos, pos. P/R after each: (0, 0), (1/2, 1/2), (2/3, 1).
     # Step-wise AP = 1/2 * 1/2 + 1/2 * 2/3 = 7/12; interpolation would give 2/3.

@@ -104,3 +104,60 @@ def test_predict_on_real_trailer_clip(trained, media, tmp_path):
     with Image.open(png) as im:
         pixels = np.asarray(im.convert("L"))
     assert pixels.std() > 10  # thumbnails were drawn, not a blank canvas
+
+
+def test_predict_without_audio_gets_zero_audio_tokens_and_a_note(tmp_path):
+    """A head trained with audio, asked about a video without audio, predicts as training and
+    evaluate treat such a video (zero audio tokens, a note), instead of failing."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    rows = []
+    for i in range(4):
+        write_video(videos / f"a{i}.mp4", [Shot(16, i % 3, (1, 0), tone_hz=440.0 * (1 + i % 2)),
+                                           Shot(16, 4, tone_hz=880.0)],
+                    size=(64, 48), fps=16, audio=i < 3, seed=i)  # a3 has no audio stream
+        rows.append((f"a{i}", "loud" if i % 2 else "quiet|loud", "train"))
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("video", "labels", "split"), *rows])
+    cache = tmp_path / "feats.h5"
+    s = extract(ExtractConfig(videos=videos, out=cache, features=("resnet18", "r2plus1d", "vggish"),
+                              progress=False, device="cpu", dtype="float32"))
+    assert s.done == 4
+    train_logs = []
+    r = train_head(TrainConfig(head="stan", features=cache, labels=tmp_path / "labels.csv",
+                               out=tmp_path / "run", epochs=1, batch_size=2, device="cpu",
+                               head_options={"audio": True, "d_model": 16, "n_heads": 2,
+                                             "n_layers": 1}), log=train_logs.append)
+    assert any("zero vggish tokens" in m for m in train_logs)
+    evaluate_run(r.best_path, cache, tmp_path / "labels.csv", split="all",
+                 predictions_out=tmp_path / "preds.csv", device="cpu", log=lambda m: None)
+    with open(tmp_path / "preds.csv") as f:
+        expected = {row["video"]: row for row in csv.DictReader(f)}
+    notes = []
+    got = predict(PredictConfig(videos=(videos / "a3.mp4", videos / "a0.mp4"), model=r.best_path,
+                                device="cpu", top_k=2), log=notes.append)
+    silent, loud = got
+    assert silent.error is None and loud.error is None
+    assert silent.notes and "zero vggish tokens" in silent.notes[0] and not loud.notes
+    assert len(notes) == 1 and "a3.mp4" in notes[0] and "vggish" in notes[0]
+    assert "notes" in silent.to_dict() and "notes" not in loud.to_dict()
+    for pred in got:
+        for label, prob in pred.labels:
+            assert prob == pytest.approx(float(expected[pred.video.split("/")[-1]][label]),
+                                         abs=1e-4)
+
+
+def test_a_video_without_tokens_is_a_per_video_error_not_a_crash():
+    from vtx.heads import build_head
+    from vtx.pipeline.extract import VideoFeatures
+    from vtx.train.predict import NoTokensError, predict_features
+
+    empty = np.zeros((0, 2))
+    feats = VideoFeatures(attrs={}, shots=empty.astype(np.int64), shot_times=empty,
+                          features={"resnet18": np.zeros((0, 512), np.float32),
+                                    "r2plus1d": np.zeros((0, 512), np.float32)},
+                          fixed={"shots": empty.astype(np.int64), "shot_times": empty})
+    head = build_head("meanpool", n_outputs=2)
+    ckpt = {"task": "multilabel", "vocab": ["a", "b"], "train_config": {}}
+    with pytest.raises(NoTokensError, match="no shot token"):
+        predict_features(head, ckpt, feats, 2, "cpu")

@@ -37,3 +37,22 @@ class CacheInUse(VtxError):
 
 class CacheMismatch(UsageError):
     """An existing cache was made with settings that differ from the requested ones."""
+
+
+class DiskFull(VtxError):
+    """A write ran out of space (exit code 5). The message names the path, the space the step
+    needed and what was kept; nothing finished is lost."""
+
+    exit_code = 5
+
+
+class CacheDamaged(VtxError):
+    """The feature cache is damaged: a checksum mismatch or a broken HDF5 structure (exit code
+    6). The message names the file, and the video and dataset when known; ``vtx check FILE
+    --repair`` removes the damaged videos so that the next ``vtx extract`` recomputes them."""
+
+    exit_code = 6
+
+
+class ReadOnly(UsageError):
+    """A command must write where it cannot (read-only file system or no permission)."""

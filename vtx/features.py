@@ -35,7 +35,16 @@ __all__ = [
     "KINDS", "VIDEO_CLIP_LEN", "TV_PREFIX", "parse_feature", "parse_features", "resolve",
     "dataset_spec", "dataset_level", "weights_member", "parse_identity", "is_weight_free",
     "default_dims", "feature_width", "bytes_per_minute", "describe", "catalogue",
+    "FULL_FRAME", "LEGACY_VIEW", "follows_grid_view", "grid_view",
 ]
+
+FULL_FRAME = "full-frame"
+"""The grid view of ``--full-frame-grids``: every spatial grid (and the ViT) covers the whole
+display-rotated frame, resized to a square without a crop."""
+
+LEGACY_VIEW = "legacy"
+"""The grid view of codec datasets written before grid views existed: the whole coded frame,
+not rotated for display, resized to the grid."""
 
 LEVELS = ("shot", "frame", "audio")
 """Row axes: one row per shot (aligned with ``shots``), per sampled frame (``frames``), or per
@@ -94,6 +103,9 @@ class FeatureSpec:
         description: one line for ``vtx features`` and the docs.
         default: in the default ``--features``.
         builtin: one of :data:`FEATURES` (``tv:`` features are not).
+        spatial: the rows are a spatial grid over the frame (patch tokens, motion cells,
+            residual pixels); every such grid of a cache covers one image region, the *grid
+            view* (:func:`grid_view`), recorded per dataset as ``region`` and ``rotation``.
     """
 
     name: str
@@ -109,6 +121,7 @@ class FeatureSpec:
     output: str = "features"
     default: bool = False
     builtin: bool = True
+    spatial: bool = False
 
     @property
     def model_key(self) -> str:
@@ -133,19 +146,25 @@ class FeatureSpec:
         values.update(settings or {})
         return tuple(int(values[s]) if isinstance(s, str) else int(s) for s in dataset.shape)
 
-    def identity(self, weights: str = "official", pca: bool = False, gop: bool = False) -> str:
+    def identity(self, weights: str = "official", pca: bool = False, gop: bool = False,
+                 view: str | None = None) -> str:
         """The weights identity recorded in the cache (root ``features`` and the ``weights``
         attr): torchvision's full enum name (``ResNet18_Weights.IMAGENET1K_V1``, read back with
         :func:`parse_identity`), ``random``, ``torchvggish-v0.1[+pca]`` or
-        ``codec[+gop-normalised]``."""
+        ``codec[+gop-normalised]``; then the grid view where it changes the feature
+        (:func:`follows_grid_view`): ``+crop=224/256`` or ``+full-frame`` for the codec's
+        grids, ``+full-frame`` for the built-in ViT run (its default view is its own crop)."""
+        flag = ""
+        if view is not None and follows_grid_view(self):
+            flag = f"+{view}" if self.kind == "codec" or view == FULL_FRAME else ""
         if self.kind == "codec":
-            return "codec" + ("+gop-normalised" if gop else "")
+            return "codec" + ("+gop-normalised" if gop else "") + flag
         if weights == "random":
-            return "random"
+            return "random" + flag
         if self.kind == "audio":
             return "torchvggish-v0.1" + ("+pca" if pca else "")
         member = weights_member(self.builder, self.weights)
-        return f"{type(member).__name__}.{member.name}"
+        return f"{type(member).__name__}.{member.name}" + flag
 
 
 def _ds(name, shape, dtype, meaning, chunk_rows=None) -> DatasetSpec:
@@ -180,7 +199,8 @@ FEATURES: dict[str, FeatureSpec] = {
         weights="IMAGENET1K_V1", dim=768, clip_len=1, sampling=_FRAMES, output="patches",
         datasets=(_ds("vit_patches", ("n_patches", "dim"), "float16",
                       "ViT-B/16 patch tokens of the same encoder output, row-major", 1),),
-        description="ViT-B/16 patch tokens per sampled frame (TimeSformer, MEViT, MM-ViT)"),
+        description="ViT-B/16 patch tokens per sampled frame (TimeSformer, MEViT, MM-ViT)",
+        spatial=True),
     "vggish": FeatureSpec(
         name="vggish", level="audio", kind="audio", builder="VGGish", weights=None, dim=128,
         clip_len=0, sampling="0.96 s log-mel examples of the 16 kHz mono audio (see vggish_times)",
@@ -196,13 +216,14 @@ FEATURES: dict[str, FeatureSpec] = {
                   _ds("motion_accumulated", (2, "motion_grid", "motion_grid"), "float32",
                       "the motion traced back to the last I-frame (CoViAR)"),
                   _ds("frame_types", (), "S1", "I, P or B")),
-        description="codec motion vectors per sampled frame, plain and accumulated (MEViT, MM-ViT)"),
+        description="codec motion vectors per sampled frame, plain and accumulated (MEViT, MM-ViT)",
+        spatial=True),
     "residual": FeatureSpec(
         name="residual", level="frame", kind="codec", builder=None, weights=None,
         dim=3 * 56 * 56, clip_len=0, sampling=_FRAMES,
         datasets=(_ds("residual", (3, "residual_size", "residual_size"), "float16",
                       "motion-compensated RGB residual, units of 1/255"),),
-        description="motion-compensated residual per sampled frame (MM-ViT)"),
+        description="motion-compensated residual per sampled frame (MM-ViT)", spatial=True),
 }
 """The built-in features, by name."""
 
@@ -268,6 +289,38 @@ def parse_identity(identity: str) -> tuple[object | None, set[str]]:
     except (ValueError, KeyError, AttributeError):
         raise UsageError(f"unknown weights identity {identity!r}; expected a torchvision "
                          f"weights enum member such as ResNet18_Weights.IMAGENET1K_V1") from None
+
+
+def follows_grid_view(spec: FeatureSpec) -> bool:
+    """Whether the grid view changes ``spec``: the spatial grids, and every feature of the
+    built-in ViT run (``vit`` shares ``vit_patches``'s encoder pass, so it sees the same frame)."""
+    return spec.spatial or (spec.builtin and spec.builder == FEATURES["vit_patches"].builder)
+
+
+def grid_view(spec: FeatureSpec, identity: str, default: str | None = None) -> str | None:
+    """The grid view a cached spatial feature was made with, from its weights identity:
+    ``full-frame``, ``crop=<crop>/<resize>`` (the ViT's centre crop: resize the shorter side to
+    ``resize``, crop ``crop`` x ``crop``), or ``legacy`` for codec grids written before grid
+    views existed; None for a feature that is not a spatial grid.
+
+    Args:
+        default: the crop of ViT patches made with random weights, whose identity does not name
+            the weights (the run's ``--vit-weights`` crop).
+    """
+    if not spec.spatial:
+        return None
+    member, flags = parse_identity(identity)
+    if FULL_FRAME in flags:
+        return FULL_FRAME
+    crop = next((f for f in flags if f.startswith("crop=")), None)
+    if crop is not None:
+        return crop
+    if spec.kind == "codec":
+        return LEGACY_VIEW
+    if member is None:
+        return default
+    t = member.transforms()
+    return f"crop={list(t.crop_size)[0]}/{list(t.resize_size)[0]}"
 
 
 def is_weight_free(identity: str) -> bool:

@@ -10,17 +10,31 @@ from pathlib import Path
 import click
 
 from vtx import __version__
-from vtx.errors import VtxError
+from vtx.cli.config_file import config_option
+from vtx.errors import CacheDamaged, DiskFull, ReadOnly, VtxError
 
 EXIT_CODES = """\b
 Exit codes:
-  0  every video was extracted (or was already in the cache)
+  0  every video was extracted (or was already in the cache; a
+     read-only cache with nothing to do also exits 0)
   1  unexpected internal error
   2  bad usage or setup: invalid options, missing weights, cache made
-     with other settings
+     with other settings, a read-only --out that must be written
   3  some videos failed (each is listed on stderr and under /failures
      in the cache); all others were extracted
-  4  the output cache is in use by another vtx process"""
+  4  the output cache is in use by another vtx process
+  5  disk full: the message names the path and the space needed; the
+     cache is untouched and finished videos are kept for the rerun
+  6  the cache is damaged (vtx check --repair removes damaged videos)"""
+
+CHECK_EXIT_CODES = """\b
+Exit codes:
+  0  no damage found (or --repair removed it)
+  2  bad usage: no such file, read-only folder with --repair
+  4  --repair: the cache is in use by another vtx process
+  5  --repair: disk full (the cache is untouched)
+  6  damaged videos found (without --repair), or the cache cannot be
+     repaired"""
 
 
 def _fail(e: VtxError) -> None:
@@ -28,16 +42,46 @@ def _fail(e: VtxError) -> None:
     sys.exit(e.exit_code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """vtx's commands. A full disk or a read-only place met outside vtx's own checks (a
+    checkpoint write, say) still gets its one-paragraph error and exit code, not a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            from vtx.io.space import is_disk_full, is_read_only
+
+            where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+            if is_disk_full(e):
+                _fail(DiskFull(f"no space left on the device{where} ({e.strerror or e}); free "
+                               f"space there (or write to another disk) and rerun the same "
+                               f"command"))
+            if is_read_only(e):
+                _fail(ReadOnly(f"cannot write{where} ({e.strerror or e}); make that folder "
+                               f"writable or choose another output path"))
+            raise
+
+
+@click.group(cls=_Group,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="vtx")
 def cli() -> None:
     """vtx: long-video understanding. Stage 1 caches shot features (`vtx extract`); stage 2
     trains small transformer heads over them."""
 
 
+QUIET_HELP = "No progress on stderr (errors, warnings and the result still print)."
+
+
 @cli.command(epilog=EXIT_CODES)
-@click.option("--videos", required=True, type=click.Path(path_type=Path),
-              help="Folder of videos (searched recursively) or a single video file.")
+@config_option()
+@click.option("--videos", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="A folder of videos (searched recursively), a video file, a list file "
+                   "(.txt/.lst/.list: one path per line, relative to the list file; # starts a "
+                   "comment line) or - to read such a list from stdin. Repeatable. Cache keys "
+                   "are paths relative to the folder holding every input (docs/FORMAT.md); a "
+                   "listed file that does not exist is a failed video.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="HDF5 cache to create or complete, e.g. feats.h5.")
 @click.option("--features", default="resnet18,r2plus1d", show_default=True,
@@ -74,6 +118,9 @@ def cli() -> None:
 @click.option("--gop-normalise", is_flag=True,
               help="For motion/residual: re-encode a temporary copy to MPEG-4 Part 2, GOP 12, "
                    "no B-frames (as CoViAR and MM-ViT) before extracting.")
+@click.option("--full-frame-grids", is_flag=True,
+              help="Spatial grids (vit_patches, motion, residual) and the ViT cover the whole "
+                   "frame, resized to a square, instead of the ViT's centre crop (default).")
 @click.option("--weights", default="official", show_default=True,
               type=click.Choice(["official", "random"]),
               help="official: torchvision weights via the torch hub cache; random: seeded "
@@ -90,17 +137,23 @@ def cli() -> None:
                    "[default: common video extensions].")
 @click.option("--dtype", default="float16", show_default=True,
               type=click.Choice(["float16", "float32"]), help="Storage type of features.")
-@click.option("--progress/--no-progress", default=True, show_default=True,
-              help="Progress bars on stderr.")
+@click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
+@click.option("--progress/--no-progress", default=True, hidden=True,
+              help="Old spelling: --no-progress is --quiet.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def extract(videos, out, features, device, detector, threshold, min_shot_len, max_shot_len,
             frame_rate, frames_per_video, vit_weights, vggish_pca, motion_grid, residual_size,
-            gop_normalise, weights, weights_dir, overwrite, batch_size, workers, globs, dtype,
-            progress, as_json) -> None:
+            gop_normalise, full_frame_grids, weights, weights_dir, overwrite, batch_size, workers,
+            globs, dtype, quiet, progress, as_json) -> None:
     """Decode each video once, cut it into shots and cache per-shot features in HDF5.
 
     Rerunning the same command resumes: finished videos are skipped, and only missing
-    features are computed. See docs/FORMAT.md for the cache layout.
+    features are computed. Every dataset carries a Fletcher-32 checksum (verify a cache with
+    `vtx check`). A full disk stops the run with exit code 5 and loses nothing finished; a
+    read-only cache with nothing to do exits 0. See docs/FORMAT.md for the cache layout.
+
+    Progress is a bar on a terminal and a line every few seconds in a log (--quiet: none).
+    Options can also come from --config extract.toml.
     """
     from vtx.pipeline.extract import ExtractConfig, extract as run_extract, parse_features
     from vtx.pipeline.sampling import FrameSampling
@@ -108,15 +161,15 @@ def extract(videos, out, features, device, detector, threshold, min_shot_len, ma
 
     try:
         config = ExtractConfig(
-            videos=videos, out=out, features=parse_features(features), device=device,
+            videos=tuple(videos), out=out, features=parse_features(features), device=device,
             shots=ShotConfig(detector=detector, threshold=threshold, min_shot_len=min_shot_len,
                              max_shot_len=max_shot_len),
             frames=FrameSampling(frame_rate=frame_rate, frames_per_video=frames_per_video),
             vit_weights=vit_weights, vggish_pca=vggish_pca, motion_grid=motion_grid,
             residual_size=residual_size, gop_normalise=gop_normalise,
-            weights=weights, weights_dir=weights_dir, overwrite=overwrite,
+            full_frame_grids=full_frame_grids, weights=weights, weights_dir=weights_dir, overwrite=overwrite,
             batch_size=batch_size, workers=workers, globs=tuple(globs), dtype=dtype,
-            progress=progress,
+            progress=progress and not quiet,
         )
         summary = run_extract(config)
     except VtxError as e:
@@ -168,10 +221,13 @@ def features_(names, dtype, as_json) -> None:
               help="Labelled videos to synthesise (at least 24), plus one held out.")
 @click.option("--epochs", default=40, show_default=True, help="Training epochs per head.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--seed", default=0, show_default=True,
+              help="Seeds the synthetic videos, the random weights, the splits and training.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress; the [demo] lines still print.")
+@click.option("--progress/--no-progress", default=True, hidden=True,
+              help="Old spelling: --no-progress is --quiet.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
-def demo(out, n_videos, epochs, device, seed, progress, as_json) -> None:
+def demo(out, n_videos, epochs, device, seed, quiet, progress, as_json) -> None:
     """Run the whole job end to end on synthetic trailers, offline: synthesise labelled videos,
     extract, train STAN and mean pooling, evaluate both, and explain a held-out prediction.
 
@@ -181,7 +237,7 @@ def demo(out, n_videos, epochs, device, seed, progress, as_json) -> None:
 
     try:
         result = run_demo(DemoConfig(out=out, n_videos=n_videos, epochs=epochs, device=device,
-                                     progress=progress, seed=seed))
+                                     progress=progress and not quiet, seed=seed))
     except VtxError as e:
         _fail(e)
     if as_json:
@@ -193,7 +249,8 @@ Exit codes:
   0  every video got a prediction
   1  unexpected internal error
   2  bad usage: unreadable checkpoint, missing weights, ...
-  3  some videos could not be decoded (the others were predicted)""")
+  3  some videos could not be predicted: not decodable, or no token for
+     the head (the others were predicted)""")
 @click.argument("videos", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", required=True, type=click.Path(path_type=Path),
               help="A checkpoint written by vtx train-head (runs/NAME/best.pt).")
@@ -204,8 +261,9 @@ Exit codes:
                    "top labels (one file per video when several are given).")
 @click.option("--weights-dir", type=click.Path(path_type=Path), default=None,
               help="Folder with the official backbone weights [default: torch hub cache].")
+@click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per video.")
-def predict(videos, model, device, top_k, explain, weights_dir, as_json) -> None:
+def predict(videos, model, device, top_k, explain, weights_dir, quiet, as_json) -> None:
     """Print the top labels of each VIDEO, extracting the features the model needs on the fly
     (same stage-1 code, no cache file)."""
     from vtx.train.predict import PredictConfig, format_predictions, predict as run_predict
@@ -213,7 +271,7 @@ def predict(videos, model, device, top_k, explain, weights_dir, as_json) -> None
     try:
         preds = run_predict(PredictConfig(videos=tuple(videos), model=model, device=device,
                                           top_k=top_k, explain=explain,
-                                          weights_dir=weights_dir))
+                                          weights_dir=weights_dir, progress=not quiet))
     except VtxError as e:
         _fail(e)
     if as_json:
@@ -225,6 +283,60 @@ def predict(videos, model, device, top_k, explain, weights_dir, as_json) -> None
         if p.error:
             click.echo(f"vtx: failed: {p.video}: {p.error}", err=True)
     sys.exit(3 if any(p.error for p in preds) else 0)
+
+
+@cli.command(epilog=CHECK_EXIT_CODES)
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--repair", is_flag=True,
+              help="Remove the damaged videos (the others are kept), so that the next vtx "
+                   "extract recomputes only those.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Progress bar on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def check(cache, repair, progress, as_json) -> None:
+    """Read every attribute and dataset of CACHE (a feats.h5), verifying each chunk's
+    Fletcher-32 checksum, and list the damaged videos with the dataset and the reason.
+
+    Caches written before vtx stored checksums still read; the report says they carry none
+    (damaged data in them cannot be detected, only broken structure). --repair writes a copy
+    without the damaged videos and atomically replaces the cache (unreadable root attributes
+    are rebuilt from the intact videos).
+    """
+    from vtx.io.check import check_cache, repair_cache
+
+    try:
+        report = (repair_cache if repair else check_cache)(cache, progress=progress)
+    except VtxError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        for line in report.lines():
+            click.echo(line)
+    sys.exit(0 if report.ok or report.repaired else CacheDamaged.exit_code)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def info(path, as_json) -> None:
+    """Show what PATH holds: a feature cache (feats.h5) or a training run (runs/NAME, or one of
+    its .pt checkpoints).
+
+    \b
+    A cache: videos, total duration, shots, each feature with its weights
+    identity, row level, row shape, rows and bytes, the shot and frame
+    settings, and the failed videos with their reasons.
+    A run: the head and its config, the data it was trained on, the best
+    epoch and its metric, and the files.
+    """
+    from vtx.info import describe, format_info
+
+    try:
+        result = describe(path)
+    except VtxError as e:
+        _fail(e)
+    click.echo(json.dumps(result) if as_json else format_info(result))
 
 
 from vtx.cli.train import train_head, evaluate  # noqa: E402

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from vtx.cli.config_file import config_option
 from vtx.errors import UsageError, VtxError
 
 __all__ = ["HEAD_OPTIONS", "evaluate", "head_options", "train_head"]
@@ -49,14 +50,17 @@ Exit codes:
   2  bad usage or setup: invalid options, unknown head or head option,
      unreadable labels, a feature missing from the cache, random and
      official features mixed, no labelled video in the cache, a run
-     already in --out without --resume, or --resume with other settings"""
+     already in --out without --resume, or --resume with other settings,
+     a read-only --out (refused before training)
+  6  the feature cache is damaged (see vtx check)"""
 
 EVALUATE_EXIT_CODES = """\b
 Exit codes:
   0  evaluated
   1  unexpected internal error
   2  bad usage or setup: not a vtx checkpoint, labels or cache features
-     that do not match the checkpoint, no labelled video in the split"""
+     that do not match the checkpoint, no labelled video in the split
+  6  the feature cache is damaged (see vtx check)"""
 
 
 def _fail(e: VtxError) -> None:
@@ -65,6 +69,23 @@ def _fail(e: VtxError) -> None:
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"vtx: error: {e}", err=True)
     sys.exit(e.exit_code)
+
+
+class _BatchSize(click.ParamType):
+    """A positive int, or ``auto``."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int):
+            return value
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)
+
+
+BATCH_SIZE = _BatchSize()
 
 
 def _parse_value(text: str):
@@ -119,6 +140,7 @@ def head_options(name: str, named: dict, sets: tuple[str, ...]) -> dict:
 
 
 @click.command("train-head", epilog=TRAIN_EXIT_CODES)
+@config_option(aliases={"head": "name"})
 @click.argument("name")
 @click.option("--features", required=True, type=click.Path(path_type=Path),
               help="Feature cache written by vtx extract (feats.h5).")
@@ -127,8 +149,19 @@ def head_options(name: str, named: dict, sets: tuple[str, ...]) -> dict:
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Run folder: metrics.jsonl, last.pt, best.pt, learning_curve.png.")
 @click.option("--epochs", type=int, default=30, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True,
-              help="Videos per step (per process under torchrun).")
+@click.option("--batch-size", type=BATCH_SIZE, default="16", show_default=True,
+              help="Videos per forward pass (per process under torchrun), or 'auto': the "
+                   "largest that fits the device's memory (estimated, then tried on CUDA).")
+@click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Gradient accumulation: one optimizer step per N batches (an effective "
+                   "batch N times larger, the same gradients).")
+@click.option("--grad-checkpoint", is_flag=True,
+              help="Activation checkpointing: recompute each layer in the backward pass "
+                   "instead of keeping its activations (less memory, ~1/3 more compute).")
+@click.option("--size", type=click.Choice(["default", "paper"]), default="default",
+              show_default=True,
+              help="Head size: the head's defaults, or the paper's (stan, vtn, timesformer, "
+                   "mevit, mmvit); explicit head options override it.")
 @click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak AdamW learning rate.")
 @click.option("--weight-decay", type=float, default=0.05, show_default=True)
 @click.option("--warmup-epochs", type=int, default=2, show_default=True,
@@ -188,18 +221,25 @@ def head_options(name: str, named: dict, sets: tuple[str, ...]) -> dict:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Any other head config field, e.g. --set hidden=128 (repeatable; values "
                    "parsed as JSON when possible).")
+@click.option("--quiet", "-q", is_flag=True,
+              help="No progress bar and no line per epoch (notes, warnings and the result "
+                   "still print).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def train_head(name, features, labels, out, epochs, batch_size, lr, weight_decay, warmup_epochs,
                grad_clip, patience, device, seed, task, val_frac, max_tokens, resume, amp,
-               loader_workers, cache_mb, streams, fusion, lam, audio, window, pos, layers, d_model, heads, dropout, depth,
+               accumulate, grad_checkpoint, size, loader_workers, cache_mb, streams, fusion, lam, audio, window, pos, layers, d_model, heads, dropout, depth,
                attention, block_size, time_layers, class_attention_layers, variant, cross, order,
-               modalities, sets, as_json) -> None:
+               modalities, sets, quiet, as_json) -> None:
     """Train head NAME (stan, vtn, timesformer, mevit, mmvit, meanpool, lstm) on the cached
     features of labelled videos.
 
     Feature widths and the number of outputs come from the cache and the labels. Head options
     apply only to heads that have them. Under torchrun --nproc_per_node N the run uses
     distributed data parallel; rank 0 writes the files.
+
+    Options can also come from --config head.toml (one key per option, plus head = "stan"
+    for NAME; flags given here win); the run records the resolved settings in its checkpoints
+    (train_config).
     """
     from vtx.train.trainer import TrainConfig, train_head as run_train
 
@@ -215,6 +255,8 @@ def train_head(name, features, labels, out, epochs, batch_size, lr, weight_decay
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
             grad_clip=grad_clip, patience=patience, device=device, seed=seed, task=task,
             val_frac=val_frac, max_tokens=max_tokens, resume=resume, amp=amp,
+            progress=not quiet, accumulate=accumulate, grad_checkpoint=grad_checkpoint,
+            size=size,
             loader_workers=loader_workers, cache_mb=cache_mb, head_options=head_options(name, named, sets),
         )
         result = run_train(config)
@@ -240,8 +282,11 @@ def train_head(name, features, labels, out, epochs, batch_size, lr, weight_decay
               help="Write per-video probabilities (or values) to this CSV.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--quiet", "-q", is_flag=True,
+              help="No progress on stderr (notes, warnings and the result still print).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def evaluate(run, features, labels, split, predictions_out, device, batch_size, as_json) -> None:
+def evaluate(run, features, labels, split, predictions_out, device, batch_size, quiet,
+             as_json) -> None:
     """Evaluate RUN (a train-head run folder, which uses its best.pt, or a .pt checkpoint).
 
     Prints the task's metrics: mAP_weighted, mAP_macro, precision/recall/f1_weighted and a
@@ -251,7 +296,7 @@ def evaluate(run, features, labels, split, predictions_out, device, batch_size, 
 
     try:
         result = evaluate_run(run, features, labels, split=split, predictions_out=predictions_out,
-                              device=device, batch_size=batch_size)
+                              device=device, batch_size=batch_size, progress=not quiet)
     except VtxError as e:
         _fail(e)
     click.echo(json.dumps(result) if as_json else format_result(result))

@@ -16,7 +16,9 @@ The head contract, the same for every head:
   or a tuple for shaped tokens (``vit_patches``: ``(196, 768)``, tokens ``(B, L, 196, 768)``).
 * ``head(batch)`` takes ``{feature: float (B, L, D), "mask": bool (B, L)}``, all features aligned
   on one token axis, True for real tokens (padding trailing, every row with a real token), and
-  returns logits ``(B, n_outputs)``. Padding never changes the logits.
+  returns logits ``(B, n_outputs)``. Padding never changes the logits. An optional
+  ``"positions"`` int64 ``(B, L)`` gives each token's index in its video before subsampling
+  (VTN's positions index it; the other heads ignore it).
 * ``head(batch, return_attention=True)`` returns ``(logits, attn)``, ``attn`` ``(B, L)``: how much
   CLS attends to each token in the last layer, averaged over heads, 0 at padding, rows summing
   to 1 over real tokens.
@@ -27,6 +29,10 @@ The head contract, the same for every head:
   (the CLS tokens).
 * ``config.with_input_widths({feature: D})`` returns a copy of a head config whose features
   take the given widths (e.g. the cache's); for shaped tokens ``D`` is the last axis.
+* ``head.set_grad_checkpointing()`` turns activation checkpointing of its layer stacks on.
+* Sizes: ``preset(name, "paper")`` gives the paper's model size as config fields
+  (``vtx train-head --size paper``); ``saved_config(name, head_config)`` completes a config
+  saved by an older vtx with the values that keep its behaviour (``Config.LEGACY``).
 * Losses are not part of a head.
 """
 
@@ -42,7 +48,10 @@ from .stan import Stan
 from .timesformer import TimeSformer
 from .vtn import Vtn
 
-__all__ = ["HEADS", "build_head", "config_class"]
+__all__ = ["HEADS", "SIZES", "build_head", "config_class", "preset", "saved_config"]
+
+#: ``--size`` values: the heads' own defaults, or the paper's model size.
+SIZES = ("default", "paper")
 
 HEADS: dict[str, type[Head]] = {
     "lstm": LstmHead,
@@ -87,3 +96,29 @@ def build_head(name: str, **config) -> Head:
     if unknown:
         raise TypeError(f"head {name!r} has no config key(s) {unknown}; valid keys are {valid}")
     return HEADS[name](cfg_cls(**config))
+
+
+def preset(name: str, size: str = "default") -> dict:
+    """Config fields of head ``name`` at ``size``: ``{}`` for ``"default"`` (the config's own
+    defaults), the paper's model size for ``"paper"`` (``Config.PRESETS``).
+
+    Raises:
+        ValueError: unknown head or size.
+    """
+    cfg_cls = config_class(name)
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; valid sizes are {', '.join(SIZES)}")
+    if size == "default":
+        return {}
+    if size not in cfg_cls.PRESETS:
+        raise ValueError(f"head {name!r} has no {size!r} size; heads with one: "
+                         f"{', '.join(n for n in sorted(HEADS) if size in HEADS[n].Config.PRESETS)}")
+    return dict(cfg_cls.PRESETS[size])
+
+
+def saved_config(name: str, head_config: dict) -> dict:
+    """A head config as saved in a checkpoint, completed for this vtx: fields added since keep
+    the value that reproduces the saved head's behaviour (``Config.LEGACY``), not the new
+    default.
+    """
+    return {**config_class(name).LEGACY, **head_config}

@@ -5,10 +5,13 @@ The head contract (see ``vtx/heads/__init__.py``) is the same for every paper's 
 pieces that enforce it live here once:
 
 * :class:`HeadConfig`, the base of every head's config dataclass: the checks the configs share
-  (``n_outputs``, ``d_model`` / ``n_heads``, dropout, positive sizes, choices) and
-  :meth:`HeadConfig.with_input_widths`, which sets the widths of the features a config reads.
+  (``n_outputs``, ``d_model`` / ``n_heads``, dropout, positive sizes, choices),
+  :meth:`HeadConfig.with_input_widths`, which sets the widths of the features a config reads,
+  the size presets (``PRESETS``, ``--size paper``) and ``LEGACY``, the values that fields added
+  later take when a checkpoint saved before them is loaded.
 * :class:`Head`, the timm-style skeleton: ``forward = forward_head(forward_features(batch))``,
-  batch reading and checking, input standardisation and ``no_weight_decay()``.
+  batch reading and checking, input standardisation, ``no_weight_decay()`` and
+  ``set_grad_checkpointing()``.
 * :class:`PatchTokenConfig` and :class:`PatchTokenHead`, the part TimeSformer and MEViT share:
   one frame-level feature of patch tokens, a CLS token in ``embed.cls``, ``head(norm(cls))``.
 * :func:`cls_attention_to_tokens` and :func:`normalise_attention`, which turn CLS attention into
@@ -62,9 +65,20 @@ class HeadConfig:
     and adds its own checks, using :meth:`check_positive` and :meth:`check_choice` for the common
     kinds.
 
+    Class attributes:
+        PRESETS: Named sizes, ``{"paper": {field: value}}``: the paper's model size
+            (``vtx train-head --size paper``); options given explicitly win over a preset.
+        LEGACY: ``{field: value}`` for fields added after checkpoints already existed: the value
+            that reproduces the behaviour of a config saved without the field (the field's
+            default is the paper's behaviour, for new configs). Applied by
+            :func:`vtx.heads.saved_config` when a checkpoint is loaded.
+
     Attributes:
         n_outputs: Number of logits (labels).
     """
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    LEGACY: ClassVar[dict[str, Any]] = {}
 
     n_outputs: int
 
@@ -171,6 +185,24 @@ class Head(nn.Module):
         """Names (as in ``named_parameters()``) of parameters with ``ndim >= 2`` that must not get
         weight decay, such as CLS tokens; 1-d parameters (biases, norms) never get it anyway."""
         return set()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        """Turn activation checkpointing of the head's layer stacks on or off (timm's name).
+
+        While training, each layer of a :class:`~vtx.heads.blocks.TransformerEncoder` or
+        :class:`~vtx.heads.blocks.SpaceTimeStack` then keeps only its input for the backward
+        pass and is recomputed there: the gradients are the same, the saved activations are
+        about one layer's instead of all of them, for about a third more compute.
+
+        Returns:
+            Whether the head has a stack to checkpoint (the baselines have none).
+        """
+        found = False
+        for m in self.modules():
+            if hasattr(m, "grad_checkpointing"):
+                m.grad_checkpointing = bool(enable)
+                found = True
+        return found
 
     # ------------------------------------------------------------ input standardisation
     # Each input feature can be standardised per dimension with the mean and std of the

@@ -19,10 +19,16 @@ Conventions shared by every block:
     * Token tensors are batch-first, ``(B, L, D)``; space-time tokens are ``(B, T, N, D)``.
     * Masks are bool ``(B, L)``, True for real tokens and False for padding.
     * An attention module is called as ``attn(x, mask, return_attention)`` and returns
-      ``(out, weights)``, where ``weights`` is None unless asked for. What the weights hold is
-      the module's own business (full ``(B, H, L, L)`` here, CLS row only for sliding windows).
+      ``(out, weights)``, where ``weights`` is None unless asked for. The weights are only ever
+      the first query's row (token 0, the CLS token of every head that asks): ``(B, H, 1, L)``
+      here, ``(B, H, L)`` for sliding windows and class attention. No attention module builds
+      an ``L x L`` probability matrix for it, so ``--explain`` costs memory linear in ``L``.
       :class:`MultiHeadSelfAttention` also takes a general ``attn_mask`` (bool or additive,
       broadcastable to ``(B, H, L, L)``, as in ``F.scaled_dot_product_attention``).
+    * Activation checkpointing: the stacks (:class:`TransformerEncoder`,
+      :class:`SpaceTimeStack`) run each layer through :func:`checkpointed` when their
+      ``grad_checkpointing`` is set (``Head.set_grad_checkpointing``), keeping only each layer's
+      input for the backward pass and recomputing the rest.
     * A space-time block is called as ``block(x, cls, mask, return_attention)`` and returns
       ``(x, cls, mass)``: patches ``(B, T, N, D)``, CLS or None, and CLS's attention mass per frame
       or None.
@@ -39,6 +45,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "SPACE_TIME_ATTENTIONS",
+    "checkpointed",
     "VIT_LN_EPS",
     "ClassAttention",
     "GluMlp",
@@ -93,8 +100,10 @@ def attend(
 ) -> tuple[Tensor, Tensor | None]:
     """Scaled dot-product attention ``softmax(q k^T / sqrt(Dh) + mask) v``.
 
-    Without ``return_attention`` this is ``F.scaled_dot_product_attention`` (fused kernels);
-    with it the probabilities are computed explicitly and returned.
+    The output is always ``F.scaled_dot_product_attention`` (fused kernels, which never hold
+    the ``Lq x Lk`` probabilities on the GPU). With ``return_attention`` the probabilities of
+    the **first query** alone are computed as well (before dropout): every head asks only for
+    its CLS token's row, and the full matrix of a 2-hour film would not fit in memory.
 
     Args:
         q: Queries ``(..., Lq, Dh)``.
@@ -103,21 +112,24 @@ def attend(
         attn_mask: Bool (True: may attend) or additive float mask broadcastable to
             ``(..., Lq, Lk)``, or None. Every query needs one allowed key.
         dropout_p: Dropout on the probabilities (pass 0 in eval mode).
-        return_attention: Also return the probabilities (before dropout).
+        return_attention: Also return the first query's probabilities.
 
     Returns:
-        ``(out, weights)``: ``out`` ``(..., Lq, Dv)``; ``weights`` ``(..., Lq, Lk)`` or None.
+        ``(out, weights)``: ``out`` ``(..., Lq, Dv)``; ``weights`` ``(..., 1, Lk)`` (query 0)
+        or None.
     """
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
     if not return_attention:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p), None
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (..., Lq, Lk)
+        return out, None
+    q0 = q[..., :1, :]  # (..., 1, Dh)
+    scores = (q0 @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (..., 1, Lk)
     if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        m = attn_mask[..., :1, :] if attn_mask.dim() >= 2 else attn_mask  # query 0's row
+        if m.dtype == torch.bool:
+            scores = scores.masked_fill(~m, float("-inf"))
         else:
-            scores = scores + attn_mask
-    weights = scores.softmax(dim=-1)
-    return F.dropout(weights, dropout_p, dropout_p > 0) @ v, weights
+            scores = scores + m
+    return out, scores.softmax(dim=-1)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -152,14 +164,15 @@ class MultiHeadSelfAttention(nn.Module):
         Args:
             x: Tokens ``(B, L, D)``.
             mask: True for real tokens ``(B, L)`` (a key-padding mask); None means all are real.
-            return_attention: Also return the attention probabilities (before dropout).
+            return_attention: Also return the first token's attention probabilities (before
+                dropout).
             attn_mask: A general mask on top of ``mask``: bool (True: query may attend to key)
                 or additive float, broadcastable to ``(B, H, L, L)``, e.g. ``~torch.eye(L)``
                 to keep each token from attending to itself.
 
         Returns:
-            ``(out, weights)``: ``out`` is ``(B, L, D)``; ``weights`` is ``(B, H, L, L)`` (query,
-            key) or None.
+            ``(out, weights)``: ``out`` is ``(B, L, D)``; ``weights`` is ``(B, H, 1, L)``, the
+            first query's row (token 0, CLS), or None.
         """
         B, L, D = x.shape
         qkv = self.qkv(x).reshape(B, L, 3, self.n_heads, self.head_dim)  # (B, L, 3, H, Dh)
@@ -168,6 +181,20 @@ class MultiHeadSelfAttention(nn.Module):
         out, weights = attend(q, k, v, merge_masks(mask, attn_mask), p_drop, return_attention)  # (B, H, L, Dh)
         out = out.transpose(1, 2).reshape(B, L, D)  # (B, L, H * Dh)
         return self.proj(out), weights
+
+
+def checkpointed(module: nn.Module, *args):
+    """``module(*args)``, through activation checkpointing while training with gradients.
+
+    Only the inputs are kept for the backward pass; the forward is run again during backward
+    (non-reentrant ``torch.utils.checkpoint``, which restores the RNG state, so dropout draws
+    the same masks and the gradients equal those without checkpointing).
+    """
+    if module.training and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
 
 
 class Mlp(nn.Module):
@@ -299,12 +326,14 @@ class TransformerEncoderLayer(nn.Module):
         dim: Token width.
         n_heads: Attention heads (ignored when ``attn`` is given).
         mlp_ratio: MLP hidden width as a multiple of ``dim``.
-        dropout: Dropout on the residual branches and inside the MLP.
+        dropout: Dropout on the residual branches (and inside the MLP, unless ``mlp_dropout``).
         attn_dropout: Dropout on attention probabilities (ignored when ``attn`` is given).
         norm_first: Pre-LN if True, post-LN if False.
         eps: LayerNorm epsilon.
         attn: Attention module with the ``attn(x, mask, return_attention) -> (out, weights)``
             interface; defaults to :class:`MultiHeadSelfAttention`.
+        mlp_dropout: Dropout between the MLP's GELU and its second linear layer; None means
+            ``dropout``. BERT and Longformer have none there (0.0).
     """
 
     def __init__(
@@ -317,12 +346,13 @@ class TransformerEncoderLayer(nn.Module):
         norm_first: bool = True,
         eps: float = 1e-5,
         attn: nn.Module | None = None,
+        mlp_dropout: float | None = None,
     ):
         super().__init__()
         self.norm_first = norm_first
         self.attn = attn if attn is not None else MultiHeadSelfAttention(dim, n_heads, attn_dropout)
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), dim, dropout)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dim, dropout if mlp_dropout is None else mlp_dropout)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.drop = nn.Dropout(dropout)
 
@@ -364,6 +394,10 @@ class TransformerEncoder(nn.Module):
         eps: LayerNorm epsilon.
         attn_factory: Called once per layer to make its attention module (e.g. a sliding-window
             attention); defaults to full :class:`MultiHeadSelfAttention`.
+        mlp_dropout: As in :class:`TransformerEncoderLayer`.
+
+    Attributes:
+        grad_checkpointing: Run each layer through :func:`checkpointed` (off by default).
     """
 
     def __init__(
@@ -377,12 +411,14 @@ class TransformerEncoder(nn.Module):
         norm_first: bool = True,
         eps: float = 1e-5,
         attn_factory: Callable[[], nn.Module] | None = None,
+        mlp_dropout: float | None = None,
     ):
         super().__init__()
+        self.grad_checkpointing = False
         self.layers = nn.ModuleList(
             TransformerEncoderLayer(
                 dim, n_heads, mlp_ratio, dropout, attn_dropout, norm_first, eps,
-                attn=attn_factory() if attn_factory is not None else None,
+                attn=attn_factory() if attn_factory is not None else None, mlp_dropout=mlp_dropout,
             )
             for _ in range(depth)
         )
@@ -395,12 +431,15 @@ class TransformerEncoder(nn.Module):
 
         Returns:
             ``(x, weights)``: ``x`` is ``(B, L, D)``; ``weights`` is the **last** layer's
-            attention weights if ``return_attention``, else None.
+            attention weights (the first token's row) if ``return_attention``, else None.
         """
         weights = None
         for i, layer in enumerate(self.layers):
             last = i == len(self.layers) - 1
-            x, weights = layer(x, mask, return_attention and last)
+            if self.grad_checkpointing and not (return_attention and last):
+                x, weights = checkpointed(layer, x, mask)
+            else:
+                x, weights = layer(x, mask, return_attention and last)
         return self.norm(x), weights
 
 
@@ -661,8 +700,11 @@ class SpaceTimeStack(nn.ModuleList):
     (:class:`SpaceTimeBlock`, MM-ViT's layers).
 
     A plain ``nn.ModuleList`` (so parameter names are ``<i>.…``) whose forward asks only the
-    last block for CLS's attention mass.
+    last block for CLS's attention mass. With ``grad_checkpointing`` set, each block runs
+    through :func:`checkpointed`.
     """
+
+    grad_checkpointing = False
 
     def forward(self, x: Tensor, cls: Tensor | None, mask: Tensor, return_attention: bool = False
                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -674,5 +716,9 @@ class SpaceTimeStack(nn.ModuleList):
         """
         mass = None
         for i, block in enumerate(self):
-            x, cls, mass = block(x, cls, mask, return_attention and i == len(self) - 1)
+            want = return_attention and i == len(self) - 1
+            if self.grad_checkpointing and not want:
+                x, cls, mass = checkpointed(block, x, cls, mask)
+            else:
+                x, cls, mass = block(x, cls, mask, want)
         return x, cls, mass

@@ -33,7 +33,8 @@ The paper's ablations (MEViT-B/16: ``d_model=768, n_heads=12``, 12 layers) as co
   (11 SA layers of which the first four are space-only, then one CA layer).
 
 This head's defaults are smaller (``depth=4``) because the cached tokens already went through a
-ViT.
+ViT; ``--size paper`` (``MevitConfig.PRESETS``) is MEViT-B/16's width and depth: 12 blocks of
+768 with 12 heads (Table 2's 12 + 1 adds ``class_attention_layers``, 1 by default).
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ class MevitConfig(PatchTokenConfig):
         mlp_ratio: MLP hidden width as a multiple of ``d_model``.
         dropout: Dropout on embeddings, residual branches and in the MLP.
     """
+
+    PRESETS = {"paper": {"d_model": 768, "n_heads": 12, "depth": 12}}  # MEViT-B/16
 
     block_size: int = 2
     time_layers: int | None = None

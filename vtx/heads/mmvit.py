@@ -98,6 +98,8 @@ class MmvitConfig(HeadConfig):
         dropout: Dropout on the embeddings, the residual branches and inside the MLPs.
     """
 
+    PRESETS = {"paper": {"d_model": 768, "n_heads": 12, "depth": 12}}  # Section 4.1: ViT-B
+
     variant: int = 3
     cross: str = "merged"
     order: str = "TMS"

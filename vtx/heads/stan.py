@@ -17,6 +17,15 @@ Understanding" (BMVC 2022), Section 3 ("Method"):
 
 Beyond the paper, for ablations (Table 4): a single stream, a learned gate or concatenation as
 the fusion, and an optional audio stream of VGGish features pooled per shot.
+
+Size. The paper gives parameter counts, not widths: Table 4's one-stream models ("Spatial / Temporal
+no backprop") have 16.5 M trainable parameters, STAN-Small 45 M (both streams plus the ResNet18
+it fine-tunes, 11.2 M without its classifier). The default ``d_model=256`` gives 2.1 M per
+stream. ``--size paper`` (``StanConfig.PRESETS``: ``d_model=768``, 2 layers, MLP ratio 4, 12
+heads; the paper names no head count) gives 32.7 M for both streams with 20 genres, so 43.9 M
+with ResNet18 against the paper's 45 M, and 18.1 M for one stream against 16.5 M (one stream keeps the shared ``q`` and
+the classifier ``f`` whole; half the two-stream head is 16.4 M). docs/BENCHMARKS.md lists the
+counts of every head at paper size.
 """
 
 from __future__ import annotations
@@ -62,6 +71,8 @@ class StanConfig(HeadConfig):
         dropout: Dropout in the encoders, ``q`` and ``f``.
         norm_first: Pre-LN encoders instead of the paper's post-LN.
     """
+
+    PRESETS = {"paper": {"d_model": 768, "n_heads": 12, "n_layers": 2, "mlp_ratio": 4.0}}
 
     streams: str = "both"
     fusion: str = "sum"

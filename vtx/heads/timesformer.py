@@ -18,7 +18,10 @@ Bertasius, Wang and Torresani, "Is Space-Time Attention All You Need for Video U
   ``"joint"`` ("ST"): one attention over all ``T * N + 1`` tokens. ``"space"`` ("S"): spatial
   attention only, frames independent except through CLS; as in the authors' code it adds no time
   embedding.
-* "Classification embedding" (Eq. 9): ``y = LN(z_CLS)``, then a linear classifier.
+* "Classification embedding" (Eq. 9): ``y = LN(z_CLS)``, then the classifier. The paper appends
+  "a 1-hidden-layer MLP" (``classifier="mlp"``: Linear ``d_model -> d_model``, GELU, dropout,
+  Linear); the authors' code (timm's ``VisionTransformer.head``) and Hugging Face use a single
+  Linear, which stays the default (``classifier="linear"``).
 
 The embedding and the block (:class:`~vtx.heads.blocks.SpaceTimeEmbedding`,
 :class:`~vtx.heads.blocks.SpaceTimeBlock`) live in ``vtx/heads/blocks.py``, shared with MEViT
@@ -37,9 +40,12 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from .base import PatchTokenConfig, PatchTokenHead
-from .blocks import SPACE_TIME_ATTENTIONS, VIT_LN_EPS, SpaceTimeBlock, SpaceTimeEmbedding, SpaceTimeStack
+from .blocks import SPACE_TIME_ATTENTIONS, VIT_LN_EPS, Mlp, SpaceTimeBlock, SpaceTimeEmbedding, SpaceTimeStack
 
-__all__ = ["TimeSformer", "TimeSformerConfig"]
+__all__ = ["CLASSIFIERS", "TimeSformer", "TimeSformerConfig"]
+
+#: Classifiers on ``LN(z_CLS)``: one Linear, or the paper's 1-hidden-layer MLP.
+CLASSIFIERS = ("linear", "mlp")
 
 
 @dataclass
@@ -52,15 +58,21 @@ class TimeSformerConfig(PatchTokenConfig):
         mlp_ratio: MLP hidden width as a multiple of ``d_model``.
         attention: ``"divided"`` (T+S), ``"joint"`` (ST) or ``"space"`` (S).
         dropout: Dropout on embeddings, residual branches and in the MLP.
+        classifier: ``"linear"`` (the authors' code) or ``"mlp"``, the paper's 1-hidden-layer
+            MLP on ``LN(z_CLS)`` (Section 3, "Classification embedding").
     """
+
+    PRESETS = {"paper": {"d_model": 768, "n_heads": 12, "depth": 12}}  # TimeSformer (ViT-B)
 
     mlp_ratio: float = 4.0
     attention: str = "divided"
     dropout: float = 0.0
+    classifier: str = "linear"
 
     def __post_init__(self):
         super().__post_init__()
         self.check_choice("attention", SPACE_TIME_ATTENTIONS)
+        self.check_choice("classifier", CLASSIFIERS)
 
 
 class TimeSformer(PatchTokenHead):
@@ -83,7 +95,8 @@ class TimeSformer(PatchTokenHead):
             for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(d, eps=VIT_LN_EPS)
-        self.head = nn.Linear(d, cfg.n_outputs)
+        self.head = (Mlp(d, d, cfg.n_outputs, cfg.dropout) if cfg.classifier == "mlp"
+                     else nn.Linear(d, cfg.n_outputs))
 
     def forward_blocks(self, x: Tensor, cls: Tensor, mask: Tensor, return_attention: bool = False
                        ) -> tuple[Tensor, Tensor | None]:

@@ -8,8 +8,33 @@ Neimark, Bar, Zohar and Asselmann, "Video Transformer Network" (2021), Section 3
   (Beltagy et al. 2020): every frame attends to the frames within ``window // 2`` positions on
   each side and to CLS; CLS has global attention, i.e. attends to every token through separate
   ``query_global / key_global / value_global`` projections. Layers are post-LN with GELU, as in
-  BERT. Positional embeddings are learned, fixed (sinusoidal) or none (Table 2b).
+  BERT, and their feed-forward block has no dropout between GELU and its second linear layer
+  (Hugging Face's ``LongformerIntermediate`` / ``LongformerOutput``; dropout is on the residual
+  branch only).
 * Section 3.3: the classification MLP is LayerNorm, Linear, GELU, Dropout, Linear on CLS.
+* Section 4 ("Training"): the Longformer and the classification MLP are initialised from
+  normal(0, 0.02) (every ``Linear`` weight and the learned position table; biases 0, LayerNorms
+  1 and 0, as Hugging Face's ``_init_weights``).
+* Section 4 ("Positional embedding", Table 2b), ``pos``:
+
+  - ``"learned"``: a table indexed by the frame's position **in the original video**: token
+    ``i`` of a video takes row ``1 + positions[i]``, where ``batch["positions"]`` is the
+    token's index among the video's sampled frames before ``--max-tokens`` subsampling (0..L-1
+    when absent), so positions keep their meaning under subsampling; CLS takes row 0. A video
+    whose positions run past the table (a film longer than ``max_len`` frames) has its
+    positions scaled onto the table, rows interpolated linearly, instead of failing.
+  - ``"fixed"``: DETR's normalised sine (Carion et al. 2020, ``PositionEmbeddingSine`` with
+    ``normalize=True``), on the temporal axis only: a frame at position ``p`` of a video whose
+    last position is ``P`` gets the sinusoid of ``e = (p + 1) / (P + 1) * 2 pi`` (sines on even
+    channels, cosines on odd, wavelength base 10000); CLS gets ``e = 0``.
+  - ``"none"``: no temporal information, but CLS's position is still marked: a learned vector
+    (``cls_pos``) is added to CLS alone.
+
+``revision`` 1 is this head as vtx had it before the points above (PyTorch's default
+initialisation, positions ``0..L`` of the tokens given, the plain sinusoid of STAN Eq. 2 for
+``"fixed"``, nothing for ``"none"``, dropout inside the feed-forward block). Checkpoints saved
+without a ``revision`` load as revision 1 (``VtnConfig.LEGACY``) and give the numbers they gave;
+new heads are revision 2.
 
 The sliding-window attention matches Hugging Face ``LongformerSelfAttention`` with CLS as the only
 global token (``window`` here is HF's ``attention_window``), but needs no padding to a multiple of
@@ -27,11 +52,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import DEFAULT_FEATURE_DIMS, Head, HeadConfig, cls_attention_to_tokens
-from .blocks import LearnedPositionalEmbedding, Mlp, SinusoidalPositionalEmbedding, TransformerEncoder
+from .blocks import LearnedPositionalEmbedding, Mlp, TransformerEncoder, sinusoidal_embedding
 
-__all__ = ["SlidingWindowAttention", "Vtn", "VtnConfig"]
+__all__ = ["SlidingWindowAttention", "Vtn", "VtnConfig", "detr_sine", "interpolate_rows"]
 
 POSITIONS = ("learned", "fixed", "none")
+REVISIONS = (1, 2)
+INIT_STD = 0.02  # VTN Section 4: normal(0, 0.02)
 
 
 class SlidingWindowAttention(nn.Module):
@@ -142,10 +169,17 @@ class VtnConfig(HeadConfig):
             meaning as Hugging Face's ``attention_window``.
         mlp_ratio: Feed-forward width as a multiple of ``d_model``.
         pos: ``"learned"``, ``"fixed"`` (sinusoidal) or ``"none"``.
-        max_len: Longest frame sequence for ``pos="learned"`` (8192 covers 2 h 16 min at 1 fps).
+        max_len: Rows of the learned position table, besides CLS's (8192 covers 2 h 16 min at
+            1 fps); longer videos are scaled onto it (see the module docstring).
         dropout: Dropout on embeddings, residual branches and in the classifier.
         attn_dropout: Dropout on attention probabilities.
+        revision: 2 follows the paper (initialisation, positions, feed-forward dropout); 1 is
+            the head of vtx before that, which checkpoints saved without this field get.
     """
+
+    PRESETS = {"paper": {"d_model": 768, "n_heads": 12, "n_layers": 3, "window": 32,
+                         "mlp_ratio": 4.0, "attn_dropout": 0.1}}  # ViT-B-VTN, Section 4
+    LEGACY = {"revision": 1}
 
     feature: str = "vit"
     feature_dim: int = DEFAULT_FEATURE_DIMS["vit"]
@@ -158,16 +192,37 @@ class VtnConfig(HeadConfig):
     max_len: int = 8192
     dropout: float = 0.1
     attn_dropout: float = 0.1
+    revision: int = 2
 
     def __post_init__(self):
         super().__post_init__()
         self.check_choice("pos", POSITIONS)
+        self.check_choice("revision", REVISIONS)
         if self.window < 2 or self.window % 2:
             raise ValueError(f"window must be an even number >= 2, got {self.window}")
         self.check_positive("feature_dim", "n_layers", "max_len")
 
     def input_width_fields(self) -> dict[str, str]:
         return {self.feature: "feature_dim"}
+
+
+def interpolate_rows(table: Tensor, rows: Tensor) -> Tensor:
+    """Rows of ``table`` ``(n, D)`` at fractional indices ``rows`` ``(...)``, linearly
+    interpolated between neighbours (exact at integers); ``(..., D)``."""
+    rows = rows.clamp(0, len(table) - 1)
+    lo = rows.floor().long()
+    hi = (lo + 1).clamp_max(len(table) - 1)
+    w = (rows - lo.to(rows.dtype))[..., None]  # (..., 1)
+    return torch.lerp(table[lo], table[hi], w)  # saves only the indices and w for backward
+
+
+def detr_sine(positions: Tensor, mask: Tensor, dim: int) -> Tensor:
+    """DETR's normalised sine on the temporal axis (``PositionEmbeddingSine``, normalize=True,
+    scale 2 pi, temperature 10000): token at ``positions`` ``(B, L)`` of a video whose last real
+    position is ``P`` gets the sinusoid of ``(p + 1) / (P + 1) * 2 pi``; ``(B, L, dim)``."""
+    last = positions.masked_fill(~mask, 0).amax(dim=1, keepdim=True)  # (B, 1)
+    e = (positions.double() + 1) / (last.double() + 1 + 1e-6) * (2 * math.pi)  # (B, L)
+    return sinusoidal_embedding(e, dim)
 
 
 class Vtn(Head):
@@ -187,36 +242,77 @@ class Vtn(Head):
         super().__init__()
         self.config = cfg = config
         d = cfg.d_model
+        paper = cfg.revision >= 2
         self.proj = nn.Linear(cfg.feature_dim, d)
         self.cls = nn.Parameter(torch.zeros(1, 1, d))
         nn.init.trunc_normal_(self.cls, std=0.02)
-        if cfg.pos == "learned":
-            self.pos = LearnedPositionalEmbedding(cfg.max_len + 1, d)  # + 1 for CLS at position 0
-        elif cfg.pos == "fixed":
-            self.pos = SinusoidalPositionalEmbedding(d)
-        else:
-            self.pos = nn.Identity()
+        if cfg.pos == "learned":  # pos.weight: row 0 is CLS, row 1 + p the frame at position p
+            self.pos = LearnedPositionalEmbedding(cfg.max_len + 1, d)
+        elif cfg.pos == "none" and paper:  # CLS's position, marked (Section 4)
+            self.cls_pos = nn.Parameter(torch.zeros(1, d))
         self.embed_norm = nn.LayerNorm(d)
         self.embed_drop = nn.Dropout(cfg.dropout)
         self.encoder = TransformerEncoder(
             d, cfg.n_layers, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cfg.attn_dropout, norm_first=False,
             attn_factory=lambda: SlidingWindowAttention(d, cfg.n_heads, cfg.window, cfg.attn_dropout),
+            mlp_dropout=0.0 if paper else None,
         )
         self.head = nn.Sequential(nn.LayerNorm(d), Mlp(d, d, cfg.n_outputs, cfg.dropout))
+        if paper:
+            self._init_paper()
+
+    def _init_paper(self) -> None:
+        """normal(0, 0.02) weights, zero biases (Section 4; Hugging Face's ``_init_weights``)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=INIT_STD)
+                nn.init.zeros_(m.bias)
+        for name, p in self.named_parameters():
+            if name in ("pos.weight", "cls_pos"):
+                nn.init.normal_(p, std=INIT_STD)
+
+    def position_embedding(self, positions: Tensor, mask: Tensor) -> Tensor:
+        """What is added to the tokens ``(B, 1 + L, d)``, CLS first (zeros for ``pos="none"``
+        in revision 1). ``positions`` ``(B, L)``: each frame's index in the original video."""
+        cfg = self.config
+        B, L = positions.shape
+        d = cfg.d_model
+        if cfg.pos == "learned":
+            rows = torch.cat([positions.new_full((B, 1), -1), positions], dim=1).double() + 1
+            last = rows.masked_fill(~torch.cat([mask.new_ones(B, 1), mask], dim=1), 0)
+            last = last.amax(dim=1, keepdim=True)  # (B, 1), the video's last row
+            table = self.pos.weight  # (max_len + 1, d)
+            n = table.shape[0] - 1
+            rows = torch.where(last > n, rows * (n / last), rows)  # a longer film: scaled onto the table
+            return interpolate_rows(table, rows.to(table.dtype))  # (B, 1 + L, d)
+        if cfg.pos == "fixed":
+            if cfg.revision >= 2:
+                pe = detr_sine(positions, mask, d)  # (B, L, d)
+                cls = sinusoidal_embedding(positions.new_zeros(B, 1), d)  # e = 0
+                return torch.cat([cls, pe], dim=1)
+            return sinusoidal_embedding(torch.arange(1 + L, device=positions.device), d)[None]
+        out = torch.zeros(B, 1 + L, d, device=positions.device)
+        if cfg.revision >= 2:
+            out[:, 0] = self.cls_pos[0]
+        return out
 
     @property
     def level(self) -> str:
         return "frame"
 
     def no_weight_decay(self) -> set[str]:
-        return {"cls"}
+        if self.config.revision < 2:
+            return {"cls"}
+        return {"cls", "pos.weight", "cls_pos"} & {n for n, _ in self.named_parameters()}
 
     def forward_features(self, batch: dict[str, Tensor], return_attention: bool = False
                          ) -> tuple[Tensor, Tensor | None]:
         """CLS after the Longformer encoder.
 
         Args:
-            batch: ``{feature: (B, L, feature_dim), "mask": (B, L)}``.
+            batch: ``{feature: (B, L, feature_dim), "mask": (B, L)}``, optionally
+                ``"positions"`` ``(B, L)`` int: each token's index among the video's sampled
+                frames before subsampling (0..L-1 when absent; revision 2 only).
             return_attention: Also return CLS attention per frame.
 
         Returns:
@@ -226,10 +322,14 @@ class Vtn(Head):
         """
         feats, mask = self.read_batch(batch)
         x = self.proj(feats[self.config.feature])  # (B, L, d)
-        B = x.shape[0]
+        B, L = mask.shape
+        positions = batch.get("positions") if self.config.revision >= 2 else None
+        if positions is None:
+            positions = torch.arange(L, device=x.device).expand(B, L)
         x = torch.cat([self.cls.expand(B, -1, -1), x], dim=1)  # (B, 1 + L, d)
         mask_cls = torch.cat([mask.new_ones(B, 1), mask], dim=1)  # (B, 1 + L)
-        x = self.embed_drop(self.embed_norm(self.pos(x)))
+        x = x + self.position_embedding(positions.to(x.device), mask).to(x.dtype)
+        x = self.embed_drop(self.embed_norm(x))
         x, w = self.encoder(x, mask_cls, return_attention)  # w: (B, H, 1 + L)
         return x[:, 0], (cls_attention_to_tokens(w, mask) if return_attention else None)
 

@@ -7,6 +7,12 @@ PyAV backend reports positions; variable-frame-rate files are therefore handled 
 
 Corrupt packets are skipped and counted (as PySceneDetect's PyAV reader does); decoding gives up
 only after ``MAX_CONSECUTIVE_ERRORS`` consecutive failures.
+
+A stream whose frame size changes mid-stream (concatenated broadcast segments, say) is scaled to
+the size the stream starts with, as the ``ffmpeg`` command line does by default, so that every
+consumer sees one size; the frames scaled are counted (``resized_frames``). A scaled frame keeps
+its timestamps and picture type but not the codec's side data (its motion vectors are in the
+other size's coordinates).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class VideoInfo:
     n_frames_expected: int
     duration_s: float = 0.0  # filled in after decoding: end of the last frame
     n_frames: int = 0  # filled in after decoding: frames actually decoded
+    resized_frames: int = 0  # filled in after decoding: frames scaled to width x height
 
     def attrs(self) -> dict:
         return asdict(self)
@@ -119,12 +126,13 @@ class VideoReader:
             fps=float(self.frame_rate),
             width=int(cc.width or self.stream.width),
             height=int(cc.height or self.stream.height),
-            codec=cc.name or "",
+            codec=_codec_name(cc),
             rotation=0,
             has_audio=bool(self._container.streams.audio),
             n_frames_expected=int(self.stream.frames or 0),
         )
         self.decode_errors = 0
+        self._size = (self.info.width, self.info.height)
         self.audio_decode_errors = 0
         self.corrupt_frames = 0
         self._start_time = self.stream.start_time or 0
@@ -197,6 +205,9 @@ class VideoReader:
                 if not dur:
                     dur = 1.0 / self.info.fps if self.info.fps else 0.0
                 last_end = max(last_end, time + dur)
+                if (av_frame.width, av_frame.height) != self._size and all(self._size):
+                    av_frame = _rescale(av_frame, *self._size)
+                    self.info.resized_frames += 1
                 yield Frame(index=index, time=time, pts=pts, time_base=tb, av_frame=av_frame)
                 index += 1
         if on_audio is not None:
@@ -223,6 +234,22 @@ class VideoReader:
         if self._stream_tb and self._stream_tb != frame_tb:
             return int(self._start_time * self._stream_tb / frame_tb)
         return self._start_time
+
+
+def _rescale(av_frame: av.VideoFrame, width: int, height: int) -> av.VideoFrame:
+    """``av_frame`` scaled to ``width`` x ``height`` in its own pixel format, with its
+    timestamps and picture type."""
+    out = av_frame.reformat(width=width, height=height)
+    out.pts, out.time_base = av_frame.pts, av_frame.time_base
+    out.pict_type = av_frame.pict_type
+    return out
+
+
+def _codec_name(cc) -> str:
+    """The codec's name (``av1``, ``h264``), never the decoder library's (``libdav1d``)."""
+    codec = getattr(cc, "codec", None)
+    name = getattr(codec, "canonical_name", None) or getattr(cc, "name", None) or ""
+    return str(name)
 
 
 def _reason(e: BaseException) -> str:

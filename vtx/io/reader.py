@@ -13,6 +13,13 @@ with ``<name>_times``). A dataset's level is its ``level`` attr; caches written 
 existed fall back to the feature registry (:func:`vtx.features.dataset_level`), then to the
 ``<name>_times`` rule: a dataset with a ``<name>_times`` sibling is ``audio``, anything else is
 ``shot`` (:func:`infer_level`).
+
+Damage. Every dataset vtx writes carries HDF5's Fletcher-32 chunk checksum, so a changed byte in
+feature data fails the read instead of being returned. That, and any HDF5 error from a damaged
+structure (an object header, a heap, a B-tree), raises :class:`vtx.errors.CacheDamaged` naming
+the file, and the video and dataset when known, with what to do (``vtx check FILE --repair``);
+never a bare h5py exception. :func:`damage_error` builds that error for the other modules of
+:mod:`vtx.io`. Caches written before the checksums read as before (unchecked).
 """
 
 from __future__ import annotations
@@ -20,13 +27,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Container, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from vtx.errors import UsageError
+from vtx.errors import CacheDamaged, UsageError
 from vtx.features import LEVELS, dataset_level
 
 __all__ = [
@@ -37,7 +45,11 @@ __all__ = [
     "CacheUnreadableError",
     "VideoArrays",
     "VideoInfo",
+    "damage_error",
+    "damage_reason",
+    "guard",
     "infer_level",
+    "key_path",
 ]
 
 VIDEOS = "videos"
@@ -57,6 +69,62 @@ class CacheNotFoundError(CacheFileError):
 
 class CacheUnreadableError(CacheFileError):
     """The path exists but is not a readable HDF5 file."""
+
+
+#: What h5py raises when the bytes under an object are not what HDF5 wrote: a checksum that
+#: does not match (OSError), a broken object header (KeyError on open), a bad heap or B-tree
+#: (OSError, RuntimeError), an undecodable attr (ValueError) or datatype (TypeError).
+DAMAGE_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
+
+
+def key_path(key: str) -> str:
+    """The video's relative path from its group name (undoes :func:`vtx.io.cache.video_key`)."""
+    return key.replace("%2F", "/").replace("%25", "%")
+
+
+def damage_reason(e: BaseException) -> str:
+    """A one-line reason for an h5py error raised by damaged bytes."""
+    text = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+    if "filter returned failure" in text or "checksum" in text.lower():
+        return ("Fletcher-32 checksum mismatch: the stored bytes changed after vtx wrote them "
+                f"(HDF5: {text})")
+    return f"HDF5 cannot read it: {text}" if text else f"HDF5 cannot read it ({type(e).__name__})"
+
+
+def damage_error(path: str | os.PathLike, reason: str | BaseException, key: str | None = None,
+                 dataset: str | None = None, where: str | None = None) -> CacheDamaged:
+    """The :class:`CacheDamaged` error for damage in cache ``path``.
+
+    Args:
+        reason: the h5py error (turned into words by :func:`damage_reason`) or words.
+        key: the video's group name, when known.
+        dataset: the dataset's name, when known.
+        where: what was being read when no video is concerned (``root attributes``).
+    """
+    if isinstance(reason, BaseException):
+        reason = damage_reason(reason)
+    if key is not None:
+        place = f"video {key_path(key)!r}" + (f", dataset {dataset!r}" if dataset else "")
+    else:
+        place = where or "its structure"
+    err = CacheDamaged(
+        f"feature cache {path} is damaged: {place}: {reason}. Run `vtx check {path}` to list "
+        f"every damaged video, then `vtx check {path} --repair` to remove them (the other "
+        f"videos are kept) and rerun the same vtx extract to recompute only those")
+    err.path, err.key, err.dataset, err.reason = str(path), key, dataset, reason
+    return err
+
+
+@contextmanager
+def guard(path: str | os.PathLike, key: str | None = None, dataset: str | None = None,
+          where: str | None = None):
+    """Turn an h5py error raised inside the block into :func:`damage_error`."""
+    try:
+        yield
+    except CacheDamaged:
+        raise
+    except DAMAGE_ERRORS as e:
+        raise damage_error(path, e, key, dataset, where) from e
 
 
 def infer_level(name: str, names: Container[str] = ()) -> str:
@@ -141,11 +209,13 @@ class CacheReader:
     # ----------------------------------------------------------------- root
     def root_attrs(self) -> dict:
         """Every root attr, as plain Python values (strings decoded)."""
-        return {k: _plain(v) for k, v in self._file.attrs.items()}
+        with guard(self.path, where="the root attributes (the cache's settings)"):
+            return {k: _plain(v) for k, v in self._file.attrs.items()}
 
     def _root_text(self, name: str) -> str | None:
-        value = self._file.attrs.get(name)
-        return None if value is None else _text(value)
+        with guard(self.path, where=f"the root attribute {name!r}"):
+            value = self._file.attrs.get(name)
+            return None if value is None else _text(value)
 
     @property
     def shot_config(self) -> str | None:
@@ -168,34 +238,45 @@ class CacheReader:
 
     # ----------------------------------------------------------------- videos
     def _videos(self) -> h5py.Group | dict:
-        group = self._file.get(VIDEOS)
-        return {} if group is None else group
+        with guard(self.path, where=f"the /{VIDEOS} group"):
+            group = self._file.get(VIDEOS)
+            return {} if group is None else group
 
     def _group(self, key: str) -> h5py.Group:
-        try:
-            return self._videos()[key]
-        except KeyError:
-            raise KeyError(f"{self.path} has no video {key!r} under /{VIDEOS}") from None
+        videos = self._videos()
+        with guard(self.path, key):
+            present = key in videos
+            if present:
+                return videos[key]
+        raise KeyError(f"{self.path} has no video {key!r} under /{VIDEOS}")
 
     def _dataset(self, key: str, name: str) -> h5py.Dataset:
         g = self._group(key)
-        if name not in g:
-            raise KeyError(f"video {key!r} of {self.path} has no dataset {name!r}")
-        return g[name]
+        with guard(self.path, key, name):
+            present = name in g
+            if present:
+                return g[name]
+        raise KeyError(f"video {key!r} of {self.path} has no dataset {name!r}")
 
     def keys(self) -> list[str]:
         """Keys of the cached videos, sorted."""
-        return sorted(self._videos())
+        videos = self._videos()
+        with guard(self.path, where=f"the list of videos under /{VIDEOS}"):
+            return sorted(videos)
 
     def __len__(self) -> int:
-        return len(self._videos())
+        videos = self._videos()
+        with guard(self.path, where=f"the list of videos under /{VIDEOS}"):
+            return len(videos)
 
     def video(self, key: str) -> VideoInfo:
         """The video ``key``: its path, attrs and dataset names (no data is read)."""
         g = self._group(key)
-        attrs = {k: _plain(v) for k, v in g.attrs.items()}
+        with guard(self.path, key):
+            attrs = {k: _plain(v) for k, v in g.attrs.items()}
+            names = tuple(sorted(g))
         return VideoInfo(key=key, path=_text(attrs.get("path", key)), attrs=attrs,
-                         datasets=tuple(sorted(g)))
+                         datasets=names)
 
     def videos(self) -> Iterator[VideoInfo]:
         """Every cached video, in key order (lazily, one group at a time)."""
@@ -205,26 +286,35 @@ class CacheReader:
     def failures(self) -> dict[str, dict]:
         """``/failures``: key -> attrs (``path``, ``reason``, ``time``) of videos whose latest
         attempt failed."""
-        groups = self._file.get(FAILURES)
-        groups = {} if groups is None else groups
-        return {k: {a: _plain(v) for a, v in groups[k].attrs.items()} for k in sorted(groups)}
+        with guard(self.path, where=f"the /{FAILURES} group"):
+            groups = self._file.get(FAILURES)
+            groups = {} if groups is None else groups
+            return {k: {a: _plain(v) for a, v in groups[k].attrs.items()}
+                    for k in sorted(groups)}
 
     # ----------------------------------------------------------------- datasets
     def datasets(self, key: str) -> tuple[str, ...]:
         """Names of the datasets video ``key`` has, sorted."""
-        return tuple(sorted(self._group(key)))
+        g = self._group(key)
+        with guard(self.path, key):
+            return tuple(sorted(g))
 
     def has(self, key: str, name: str) -> bool:
         """Whether video ``key`` has dataset ``name``."""
-        return name in self._group(key)
+        g = self._group(key)
+        with guard(self.path, key, name):
+            return name in g
 
     def read(self, key: str, name: str) -> np.ndarray:
         """The whole dataset ``name`` of video ``key``, in its stored dtype.
 
         Raises:
             KeyError: no such video or dataset.
+            CacheDamaged: the data fails its checksum, or HDF5 cannot read it.
         """
-        return self._dataset(key, name)[()]
+        ds = self._dataset(key, name)
+        with guard(self.path, key, name):
+            return ds[()]
 
     def arrays(self, key: str) -> "VideoArrays":
         """Video ``key``'s datasets as a read-only mapping that reads each one when indexed."""
@@ -233,15 +323,21 @@ class CacheReader:
 
     def shape(self, key: str, name: str) -> tuple[int, ...]:
         """Shape of a dataset, without reading it."""
-        return tuple(int(n) for n in self._dataset(key, name).shape)
+        ds = self._dataset(key, name)
+        with guard(self.path, key, name):
+            return tuple(int(n) for n in ds.shape)
 
     def storage_bytes(self, key: str, name: str) -> int:
         """Bytes a dataset takes in the file (HDF5's storage size)."""
-        return int(self._dataset(key, name).id.get_storage_size())
+        ds = self._dataset(key, name)
+        with guard(self.path, key, name):
+            return int(ds.id.get_storage_size())
 
     def dataset_attrs(self, key: str, name: str) -> dict:
         """Every attr of a dataset, as plain Python values."""
-        return {k: _plain(v) for k, v in self._dataset(key, name).attrs.items()}
+        ds = self._dataset(key, name)
+        with guard(self.path, key, name):
+            return {k: _plain(v) for k, v in ds.attrs.items()}
 
     def identity(self, key: str, name: str) -> dict:
         """How a feature dataset was made: ``{model, weights, weights_file, dim, sampling}``
@@ -249,24 +345,25 @@ class CacheReader:
         ``weights`` to ``unknown``), as stored in checkpoints."""
         ds = self._dataset(key, name)
         attrs = {}
-        for a in FEATURE_ATTRS:
-            if a in ds.attrs:
-                v = ds.attrs[a]
-                attrs[a] = int(v) if a == "dim" else _text(v)
-        attrs.setdefault("dim", int(ds.shape[1]) if ds.ndim == 2 else 0)
+        with guard(self.path, key, name):
+            for a in FEATURE_ATTRS:
+                if a in ds.attrs:
+                    v = ds.attrs[a]
+                    attrs[a] = int(v) if a == "dim" else _text(v)
+            attrs.setdefault("dim", int(ds.shape[1]) if ds.ndim == 2 else 0)
         attrs.setdefault("weights", "unknown")
         return attrs
 
     def level(self, key: str, name: str) -> str:
         """Row level of a dataset (``shot``, ``frame`` or ``audio``): its ``level`` attr, else
         :func:`infer_level` (see the module docstring)."""
-        g = self._group(key)
-        if name not in g:
-            raise KeyError(f"video {key!r} of {self.path} has no dataset {name!r}")
-        level = g[name].attrs.get("level")
-        if level is not None and _text(level) in LEVELS:
-            return _text(level)
-        return infer_level(name, g)
+        ds = self._dataset(key, name)
+        with guard(self.path, key, name):
+            level = ds.attrs.get("level")
+            if level is not None and _text(level) in LEVELS:
+                return _text(level)
+            names = set(ds.parent)
+        return infer_level(name, names)
 
 
 class VideoArrays(Mapping):

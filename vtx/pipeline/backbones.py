@@ -12,7 +12,10 @@ What each feature is (model, weights, level, clip length, datasets) lives in the
 * VGGish embeddings of 0.96 s log-mel examples (``mm-vit.txt``, :mod:`vtx.pipeline.vggish`).
 
 Preprocessing is owned by torchvision: the resize and crop geometry, interpolation, mean and std
-are read from ``weights.transforms()`` of the weight enum. For speed, frames are reduced to the
+are read from ``weights.transforms()`` of the weight enum. The built-in ViT's crop is also the
+*grid view*: the image region that every spatial grid of the cache covers (ViT patches, codec
+motion and residuals; :func:`grid_prep`); with ``--full-frame-grids`` the ViT instead sees the
+whole frame resized to its input size, and so do the grids. For speed, frames are reduced to the
 model's input size as soon as they are decoded (:class:`FramePrep`, on uint8); the rest of the
 transform (rescale, normalise, layout) runs batched on the model's device.
 
@@ -33,7 +36,8 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 from vtx.errors import UsageError, WeightsUnavailable
-from vtx.features import FEATURES, FeatureSpec, parse_feature, weights_member
+from vtx.features import (FEATURES, FULL_FRAME, FeatureSpec, follows_grid_view, parse_feature,
+                          weights_member)
 
 THUMBNAIL = "thumbnail"
 """Pseudo-feature: a small picture of the shot's center frame (for ``vtx predict --explain``)."""
@@ -54,9 +58,12 @@ class FramePrep:
     Follows ``weights.transforms()``: a resize (shorter side for image models, exact size for
     video models) then a center crop. The decoded frame may still need a display rotation; it is
     resized first (to the swapped size) and rotated once small.
+
+    With ``full_frame`` the whole displayed frame is resized to the crop size instead (no crop;
+    the aspect ratio is not kept), the view of ``--full-frame-grids``.
     """
 
-    def __init__(self, transforms: nn.Module):
+    def __init__(self, transforms: nn.Module, full_frame: bool = False):
         self.resize_size = list(transforms.resize_size)
         self.crop_size = list(transforms.crop_size)
         if len(self.crop_size) == 1:
@@ -64,6 +71,39 @@ class FramePrep:
         # Image transforms resize with antialiasing, video transforms without.
         self.antialias = bool(getattr(transforms, "antialias", False))
         self.interpolation = transforms.interpolation
+        self.full_frame = full_frame
+
+    @property
+    def view(self) -> str:
+        """The grid view this reducer gives (:func:`vtx.features.grid_view`): ``full-frame``,
+        or ``crop=<crop>/<resize>``."""
+        return FULL_FRAME if self.full_frame else f"crop={self.crop_size[0]}/{self.resize_size[0]}"
+
+    def display_box(self, h: int, w: int) -> tuple[float, float, float, float]:
+        """``(x0, y0, x1, y1)``: the part of a displayed frame of size (h, w) that the output
+        shows, in displayed pixels."""
+        if self.full_frame:
+            return 0.0, 0.0, float(w), float(h)
+        oh, ow = self.output_size(h, w)
+        ch, cw = self.crop_size
+        top, left = int(round((oh - ch) / 2.0)), int(round((ow - cw) / 2.0))
+        sy, sx = h / oh, w / ow  # displayed pixels per resized pixel
+        return left * sx, top * sy, (left + cw) * sx, (top + ch) * sy
+
+    def region(self, width: int, height: int, rotation: int = 0) -> tuple[float, ...]:
+        """``(x0, y0, x1, y1)``: the part of the **coded** frame (``width`` x ``height``, before
+        the display rotation of ``rotation`` degrees counter-clockwise) that the output shows."""
+        k = int(round(rotation / 90.0)) % 4
+        dh, dw = (width, height) if k % 2 else (height, width)  # displayed size
+        x0, y0, x1, y1 = self.display_box(dh, dw)
+        # displayed = numpy.rot90(coded, k): map the box's corners back to coded pixels
+        if k == 1:
+            return width - y1, x0, width - y0, x1
+        if k == 2:
+            return width - x1, height - y1, width - x0, height - y0
+        if k == 3:
+            return y0, height - x1, y1, height - x0
+        return x0, y0, x1, y1
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """Resized (h, w) for a displayed frame of size (h, w), as torchvision computes it."""
@@ -77,7 +117,7 @@ class FramePrep:
         k = int(round(rotation / 90.0)) % 4
         h, w = rgb.shape[:2]
         dh, dw = (w, h) if k % 2 else (h, w)  # displayed size
-        oh, ow = self.output_size(dh, dw)
+        oh, ow = tuple(self.crop_size) if self.full_frame else self.output_size(dh, dw)
         rh, rw = (ow, oh) if k % 2 else (oh, ow)  # resize target in decoded orientation
         if self.antialias or self.interpolation != TF.InterpolationMode.BILINEAR:
             # torchvision's own resize on the uint8 frame, with the transform's interpolation:
@@ -89,12 +129,37 @@ class FramePrep:
             small = cv2.resize(rgb, (rw, rh), interpolation=cv2.INTER_LINEAR)
         if k:
             small = np.rot90(small, k=k)
+        if self.full_frame:
+            return np.ascontiguousarray(small)
         ch, cw = self.crop_size
         top = int(round((oh - ch) / 2.0))
         left = int(round((ow - cw) / 2.0))
         if top < 0 or left < 0:
             raise ValueError(f"resize {oh}x{ow} is smaller than the crop {ch}x{cw}")
         return np.ascontiguousarray(small[top:top + ch, left:left + cw])
+
+
+def grid_prep(vit_weights: str | None = None, full_frame: bool = False) -> FramePrep:
+    """The grid view of a run: the frame reducer of the built-in ViT run (``--vit-weights``
+    member, default ``IMAGENET1K_V1``), whose output region every spatial grid covers
+    (:meth:`FramePrep.region`, :attr:`FramePrep.view`)."""
+    spec = FEATURES["vit_patches"].with_weights(vit_weights)
+    return FramePrep(weights_member(spec.builder, spec.weights).transforms(), full_frame)
+
+
+def view_prep(view: str) -> FramePrep:
+    """The frame reducer of a recorded grid view (``full-frame`` or ``crop=<crop>/<resize>``),
+    e.g. to extract the grids of a checkpoint's cache again (``vtx predict``)."""
+    if view == FULL_FRAME:
+        return grid_prep(full_frame=True)
+    try:
+        crop, resize = (int(n) for n in view.removeprefix("crop=").split("/"))
+    except ValueError:
+        raise UsageError(f"unknown grid view {view!r}; expected full-frame or "
+                         f"crop=<crop>/<resize>") from None
+    prep = grid_prep()
+    prep.crop_size, prep.resize_size = [crop, crop], [resize]
+    return prep
 
 
 class ThumbnailPrep:
@@ -196,7 +261,8 @@ class Backbone(nn.Module):
 
 def load_backbones(specs: Sequence[FeatureSpec], weights: str = "official",
                    weights_dir: str | Path | None = None, device: torch.device | str = "cpu",
-                   seed: int = 0, pca: bool = False) -> dict[str, Backbone]:
+                   seed: int = 0, pca: bool = False, full_frame: bool = False
+                   ) -> dict[str, Backbone]:
     """One frozen backbone per model run the features need, keyed by ``model_key``.
 
     Args:
@@ -207,6 +273,8 @@ def load_backbones(specs: Sequence[FeatureSpec], weights: str = "official",
         device: where the models run.
         seed: seed of the random initialisation.
         pca: VGGish only: apply the official PCA postprocessing.
+        full_frame: the built-in ViT run sees the whole frame (``--full-frame-grids``,
+            :func:`vtx.features.follows_grid_view`); other models keep their crop.
     """
     if weights not in ("official", "random"):
         raise UsageError(f"--weights must be 'official' or 'random', not {weights!r}")
@@ -220,6 +288,9 @@ def load_backbones(specs: Sequence[FeatureSpec], weights: str = "official",
             bb = _load_vggish(group, weights, weights_dir, seed, pca)
         else:
             bb = _load_torchvision(group, weights, weights_dir, seed)
+            if full_frame and any(follows_grid_view(s) for s in group):
+                bb.prep.full_frame = True
+                bb.identity = group[0].identity(weights, view=FULL_FRAME)
         out[key] = bb.to(device)
     return out
 

@@ -17,35 +17,39 @@ into memory (for ``vtx predict``). What each feature is comes from :mod:`vtx.fea
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from pathlib import Path, PurePosixPath
+from typing import Callable, NamedTuple, TextIO
 
 import numpy as np
-from tqdm import tqdm
 
 from vtx.errors import CacheMismatch, UsageError
-from vtx.features import ALL_FEATURES, DEFAULT_FEATURES, FEATURES, FeatureSpec, parse_features
+from vtx.features import (ALL_FEATURES, DEFAULT_FEATURES, FEATURES, FeatureSpec, grid_view,
+                          parse_features, resolve)
 from vtx.io import schema
 from vtx.io.cache import CacheWriter, video_key
-from vtx.pipeline.backbones import (THUMBNAIL, Backbone, ThumbnailPrep, load_backbones,
-                                    resolve_device)
+from vtx.pipeline.backbones import (THUMBNAIL, Backbone, ThumbnailPrep, grid_prep,
+                                    load_backbones, resolve_device)
 from vtx.pipeline.codec import codec_attrs
 from vtx.pipeline.producer import FRAME_THUMBNAIL, FrameSettings, VideoJob, VideoProducer
 from vtx.pipeline.runner import BatchRunner, OnBatch, VideoAssembler, run_jobs
 from vtx.pipeline.sampling import FrameSampling
 from vtx.pipeline.shots import ShotConfig
 
-__all__ = ["ExtractConfig", "ExtractSummary", "VideoFeatures", "FrameSettings", "discover_videos",
+__all__ = ["ExtractConfig", "ExtractSummary", "VideoFeatures", "VideoInput", "FrameSettings",
+           "discover_videos", "LIST_SUFFIXES",
            "extract", "extract_video", "feature_specs", "parse_features", "DEFAULT_FEATURES",
            "VIDEO_EXTENSIONS"]
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts",
                     ".flv", ".wmv", ".3gp")
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+"""A ``--videos`` file with one of these suffixes is a list of paths, not a video."""
 
 def feature_specs(features: str | Sequence[str | FeatureSpec],
                   vit_weights: str | None = None) -> tuple[FeatureSpec, ...]:
@@ -76,11 +80,16 @@ def feature_specs(features: str | Sequence[str | FeatureSpec],
 class ExtractConfig:
     """Options of ``vtx extract``; the CLI maps its flags one-to-one onto these fields.
 
-    ``features`` takes built-in names, ``tv:`` specs (``"resnet18,tv:mobilenet_v3_small@frame"``)
+    ``videos`` is one input or several: folders, video files, list files or ``-``
+    (:func:`discover_videos`). ``features`` takes built-in names, ``tv:`` specs (``"resnet18,tv:mobilenet_v3_small@frame"``)
     or :class:`FeatureSpec` objects (:func:`feature_specs`).
+
+    Every spatial grid (``vit_patches``, ``motion``, ``residual``) covers the ViT's centre crop
+    of the display-rotated frame; ``full_frame_grids`` makes them, and the ViT itself (``vit``
+    too), cover the whole frame instead (``--full-frame-grids``). One cache holds one view.
     """
 
-    videos: Path
+    videos: Path | Sequence[Path]
     out: Path
     features: str | Sequence[str | FeatureSpec] = DEFAULT_FEATURES
     device: str = "auto"
@@ -93,6 +102,7 @@ class ExtractConfig:
     motion_grid: int = 14
     residual_size: int = 56
     gop_normalise: bool = False
+    full_frame_grids: bool = False
     overwrite: bool = False
     batch_size: int = 16
     workers: int = 1
@@ -134,23 +144,128 @@ class ExtractSummary:
                 f"throughput: {self.throughput:.2f} video-s/s | cache: {self.output}")
 
 
-def discover_videos(root: Path, globs: tuple[str, ...] = ()) -> list[tuple[Path, str]]:
-    """(path, path relative to ``root`` as POSIX) of the videos to extract, sorted.
+class VideoInput(NamedTuple):
+    """One video to extract, as :func:`discover_videos` found it.
 
-    ``root`` may be a single file. In a folder, ``globs`` are matched recursively relative to it
-    (``**/*.mp4``); without globs every file with a common video extension is taken.
+    Attributes:
+        path: the file to decode.
+        relpath: its POSIX path relative to the base folder (see :func:`discover_videos`); the
+            cache key is :func:`vtx.io.cache.video_key` of it.
+        error: why it cannot be extracted (a listed file that does not exist), else None.
     """
-    root = Path(root)
-    if root.is_file() or root.is_symlink() and not root.is_dir():
-        return [(root, root.name)]
-    if not root.is_dir():
-        raise UsageError(f"--videos {root} does not exist; give a folder of videos or one file")
+
+    path: Path
+    relpath: str
+    error: str | None = None
+
+
+def discover_videos(inputs: str | os.PathLike | Sequence[str | os.PathLike],
+                    globs: tuple[str, ...] = (), stdin: TextIO | None = None) -> list[VideoInput]:
+    """The videos to extract from ``--videos`` inputs, sorted by relative path, without repeats.
+
+    Each input is a folder (searched recursively: ``globs`` relative to it, such as
+    ``**/*.mp4``, or every file with a common video extension), a video file, a list file
+    (suffix ``.txt``, ``.lst`` or ``.list``: one path per line, relative to the list file's
+    folder unless absolute; blank lines and lines starting with ``#`` are skipped; a listed
+    folder is searched like a folder input), or ``-`` (the same list read from ``stdin``, paths
+    relative to the current folder).
+
+    Relative paths (and so cache keys) are taken from the *base folder*: the deepest folder
+    that holds every input and every video. A folder input counts as itself, a list file as its
+    own folder, ``-`` as the current folder, and a video file as its folder. So one folder gives
+    paths relative to it, one file gives its name, a list gives the paths as listed, and videos
+    with the same name in different folders keep distinct keys.
+
+    Args:
+        inputs: one input or several.
+        globs: patterns for folder inputs [default: :data:`VIDEO_EXTENSIONS`].
+        stdin: where ``-`` reads [default: ``sys.stdin``].
+
+    Returns:
+        One :class:`VideoInput` per video; a listed file that does not exist is included with
+        ``error`` set (``extract`` records it as a failed video).
+
+    Raises:
+        UsageError: an input (not a listed entry) that does not exist, or no input.
+    """
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not items:
+        raise UsageError("no --videos given; give a folder, a video file, a list file or -")
+    anchors: list[str] = []
+    found: dict[str, tuple[Path, str | None]] = {}  # absolute path -> (path, error)
+
+    def add(path: Path, error: str | None = None) -> None:
+        found.setdefault(_absolute(path), (path, error))
+
+    def add_folder(folder: Path) -> None:
+        anchors.append(_absolute(folder))
+        for p in _scan_folder(folder, globs):
+            add(p)
+
+    for item in items:
+        if str(item) == "-":
+            anchors.append(_absolute(Path.cwd()))
+            entries = _read_list(stdin if stdin is not None else sys.stdin, Path.cwd(), "stdin")
+        else:
+            root = Path(item)
+            if root.is_dir():
+                add_folder(root)
+                continue
+            if not (root.is_file() or root.is_symlink()):
+                raise UsageError(f"--videos {root} does not exist; give a folder of videos, a "
+                                 f"video file, a list file ({', '.join(LIST_SUFFIXES)}: one "
+                                 f"path per line) or - to read paths from stdin")
+            if root.suffix.lower() not in LIST_SUFFIXES:
+                anchors.append(_absolute(root.parent))
+                add(root)
+                continue
+            anchors.append(_absolute(root.parent))
+            try:
+                with open(root, encoding="utf-8") as fh:
+                    entries = _read_list(fh, root.parent, str(root))
+            except (OSError, UnicodeDecodeError) as e:
+                raise UsageError(f"--videos {root}: cannot read this list file ({e}); give a "
+                                 f"UTF-8 text file with one video path per line") from e
+        for path, where in entries:
+            if path.is_dir():
+                add_folder(path)
+            elif path.is_file() or path.is_symlink():
+                add(path)
+            else:
+                add(path, f"does not exist (listed in {where})")
+
+    if not found:
+        return []
+    base = os.path.commonpath(anchors + [os.path.dirname(a) for a in found])
+    videos = [VideoInput(path, Path(os.path.relpath(a, base)).as_posix(), error)
+              for a, (path, error) in found.items()]
+    return sorted(videos, key=lambda v: PurePosixPath(v.relpath).parts)
+
+
+def _absolute(path: Path) -> str:
+    """``path`` made absolute and normalised, symbolic links kept (as the user named it)."""
+    return os.path.normpath(os.path.abspath(path))
+
+
+def _scan_folder(root: Path, globs: tuple[str, ...]) -> list[Path]:
     if globs:
         found = {p for g in globs for p in root.glob(g)}
     else:
         found = {p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS}
-    files = sorted(p for p in found if p.is_file() or p.is_symlink())
-    return [(p, p.relative_to(root).as_posix()) for p in files]
+    return sorted(p for p in found if p.is_file() or p.is_symlink())
+
+
+def _read_list(lines: Iterable[str], folder: Path, source: str) -> list[tuple[Path, str]]:
+    """A list's entries: (path, where it was listed) per line that is not blank or a comment;
+    relative paths are taken relative to ``folder``."""
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        path = Path(text).expanduser()
+        entries.append((path if path.is_absolute() else folder / path, f"{source} line {number}"))
+    return entries
 
 
 # ----------------------------------------------------------------------------- the run
@@ -173,15 +288,18 @@ def extract(config: ExtractConfig, log: Callable[[str], None] | None = None,
     if config.motion_grid < 1 or config.residual_size < 1:
         raise UsageError("--motion-grid and --residual-size must be at least 1")
     device = resolve_device(config.device)
-    videos = discover_videos(Path(config.videos), config.globs)
+    videos = discover_videos(config.videos, config.globs)
     if not videos:
         pattern = ", ".join(config.globs) or "common video extensions"
-        raise UsageError(f"no videos found under {config.videos} ({pattern}); check --videos "
+        given = config.videos if isinstance(config.videos, (str, os.PathLike)) else \
+            ", ".join(map(str, config.videos))
+        raise UsageError(f"no videos found in {given} ({pattern}); check --videos "
                          f"and --glob")
     summary = ExtractSummary(output=str(config.out))
     official = config.weights == "official"
+    view = grid_prep(config.vit_weights, config.full_frame_grids).view
     wanted = {s.name: s.identity(config.weights, pca=config.vggish_pca and official,
-                                 gop=config.gop_normalise) for s in specs}
+                                 gop=config.gop_normalise, view=view) for s in specs}
     frame_level = any(s.level == "frame" for s in specs)
     with CacheWriter(config.out, overwrite=config.overwrite) as cache:
         _check_settings(cache.root_attrs(), config, wanted, frame_level)
@@ -190,13 +308,22 @@ def extract(config: ExtractConfig, log: Callable[[str], None] | None = None,
         if frame_level:
             attrs["frame_config"] = config.frames.to_json()
         cache.set_root_attrs(**attrs)
-        jobs = _jobs(videos, specs, cache, summary)
+        for v in videos:
+            if v.error:  # a listed file that does not exist fails like a bad video
+                _record_failure(cache, summary, log, v.relpath, v.error)
+        jobs = _jobs([v for v in videos if not v.error], specs, cache, summary)
+        if jobs:
+            cache.require_writable(f"{len(jobs)} of {len(videos)} video(s) need extracting")
+        elif cache.read_only is not None:
+            log(f"vtx: note: {config.out} is read-only ({cache.read_only}); every video is "
+                f"already in it, so there is nothing to do")
         if jobs:
             t_load = time.perf_counter()
             needed = {s.name: s for j in jobs for s in j.features}
             backbones = load_backbones(tuple(needed.values()), config.weights,
                                        config.weights_dir, device, seed=config.seed,
-                                       pca=config.vggish_pca)
+                                       pca=config.vggish_pca,
+                                       full_frame=config.full_frame_grids)
             summary.load_s = time.perf_counter() - t_load
             with tempfile.TemporaryDirectory(prefix="vtx-gop-") as tmp:
                 _Run(config, backbones, cache, summary, log, Path(tmp)).run(jobs, on_batch)
@@ -204,13 +331,13 @@ def extract(config: ExtractConfig, log: Callable[[str], None] | None = None,
     return summary
 
 
-def _jobs(videos: list[tuple[Path, str]], specs: tuple[FeatureSpec, ...], cache: CacheWriter,
+def _jobs(videos: list[VideoInput], specs: tuple[FeatureSpec, ...], cache: CacheWriter,
           summary: ExtractSummary) -> list[VideoJob]:
     """One job per video that lacks a requested feature; a video already in the cache (same
     size) keeps its shots and sampled frames and computes only the missing features."""
     records = cache.records()
     jobs = []
-    for path, rel in videos:
+    for path, rel, _ in videos:
         key = video_key(rel)
         rec = records.get(key)
         try:
@@ -232,6 +359,15 @@ def _jobs(videos: list[tuple[Path, str]], specs: tuple[FeatureSpec, ...], cache:
     return jobs
 
 
+def _record_failure(cache: CacheWriter, summary: ExtractSummary, log: Callable[[str], None],
+                    relpath: str, reason: str) -> None:
+    """One failed video: a line on ``log``, a ``/failures`` record and the summary's count."""
+    log(f"vtx: failed: {relpath}: {reason}")
+    cache.write_failure(video_key(relpath), relpath, reason)
+    summary.failed += 1
+    summary.failures.append((relpath, reason))
+
+
 def _check_settings(root: dict, config: ExtractConfig, wanted: dict[str, str],
                     frame_level: bool) -> None:
     fix = "pass --overwrite, or write to another --out"
@@ -249,6 +385,28 @@ def _check_settings(root: dict, config: ExtractConfig, wanted: dict[str, str],
     if clash:
         desc = "; ".join(f"{f}: cache has {a}, asked for {b}" for f, (a, b) in clash.items())
         raise CacheMismatch(f"feature settings differ from the cache's ({desc}); {fix}")
+    _check_grid_views(have, wanted, config, fix)
+
+
+def _check_grid_views(have: dict[str, str], wanted: dict[str, str], config: ExtractConfig,
+                      fix: str) -> None:
+    """Every spatial grid of one cache covers one image region: refuse a run whose grids
+    (ViT patches, motion, residuals) would cover another region than those already cached."""
+    crop = grid_prep(config.vit_weights).view
+    views = {}
+    for name, identity in {**have, **wanted}.items():
+        spec = resolve(name)
+        view = grid_view(spec, identity, default=crop) if spec is not None else None
+        if view is not None:
+            views[name] = view
+    if len(set(views.values())) > 1:
+        desc = ", ".join(f"{n}: {v}" + (" (cached)" if n in have and n not in wanted else "")
+                         for n, v in sorted(views.items()))
+        raise CacheMismatch(
+            f"the spatial grids of one cache must cover one image region, but these would "
+            f"not ({desc}); 'legacy' grids come from an older vtx (whole coded frame, not "
+            f"rotated). Rerun with the cache's view (--full-frame-grids or not, the same "
+            f"--vit-weights), or {fix}")
 
 
 class _Run:
@@ -260,7 +418,8 @@ class _Run:
         self.config, self.backbones, self.cache = config, backbones, cache
         self.summary, self.log, self.tmp = summary, log, tmp
         self.preps = {k: bb.prep for k, bb in backbones.items() if bb.prep is not None}
-        self.settings = FrameSettings(config.frames, config.motion_grid, config.residual_size)
+        self.settings = FrameSettings(config.frames, config.motion_grid, config.residual_size,
+                                      grid_prep(config.vit_weights, config.full_frame_grids))
         self.schema = schema.RunSchema(dtype=config.dtype, shot_config=config.shots.to_json(),
                                        frame_sampling=config.frames.describe(),
                                        frame_config=config.frames.to_json(),
@@ -271,7 +430,7 @@ class _Run:
         run_jobs(jobs, runner, self.produce, workers=self.config.workers, on_video=self.write,
                  on_failure=self.fail, progress=self.config.progress)
 
-    def produce(self, job: VideoJob, emit: Callable[[object], None], bar: tqdm) -> None:
+    def produce(self, job: VideoJob, emit: Callable[[object], None], bar) -> None:
         """In a decode thread: one video's producer (re-encoded first with --gop-normalise)."""
         if self.config.gop_normalise and any(s.kind == "codec" for s in job.features):
             from vtx.io.transcode import gop_normalise
@@ -284,7 +443,7 @@ class _Run:
         job, done = a.job, a.done
         attrs, datasets = schema.video_entry(
             done.attrs, a.arrays(), job.features,
-            {s.name: self.feature_attrs(s) for s in job.features}, self.schema,
+            {s.name: self.feature_attrs(s, done.attrs) for s in job.features}, self.schema,
             shots=job.known_shots is None, frames=job.known_frames is None)
         self.cache.write_video(job.key, attrs, datasets, replace=job.replace)
         self.summary.done += 1
@@ -292,16 +451,23 @@ class _Run:
         self.summary.video_seconds += float(done.attrs["duration_s"])
 
     def fail(self, job: VideoJob, reason: str) -> None:
-        self.log(f"vtx: failed: {job.relpath}: {reason}")
-        self.cache.write_failure(job.key, job.relpath, reason)
-        self.summary.failed += 1
-        self.summary.failures.append((job.relpath, reason))
+        _record_failure(self.cache, self.summary, self.log, job.relpath, reason)
 
-    def feature_attrs(self, spec: FeatureSpec) -> dict:
+    def feature_attrs(self, spec: FeatureSpec, video: dict) -> dict:
+        """The dataset attrs of ``spec`` for one video (``video``: its attrs); a spatial grid
+        also records the region it covers (``region``, ``rotation``, ``view``)."""
+        grid = self.settings.grid
         if spec.kind == "codec":
-            return codec_attrs(spec, self.config.frames.describe(), self.config.gop_normalise,
-                               self.settings.sizes)
-        return self.backbones[spec.model_key].attrs(spec.name)
+            attrs = codec_attrs(spec, self.config.frames.describe(), self.config.gop_normalise,
+                                self.settings.sizes, grid.view)
+        else:
+            attrs = self.backbones[spec.model_key].attrs(spec.name)
+        if spec.spatial:
+            width, height, rotation = (int(video["width"]), int(video["height"]),
+                                       int(video.get("rotation", 0)))
+            attrs.update(region=np.round(grid.region(width, height, rotation), 3),
+                         rotation=rotation, view=grid.view)
+        return attrs
 
 
 # ----------------------------------------------------------------------------- in memory
@@ -346,6 +512,11 @@ def extract_video(path: str | Path, backbones: dict[str, Backbone],
     n_shots, n_frames = done.rows["shot"], done.rows["frame"]
     arrays = a.arrays(skip=(THUMBNAIL, FRAME_THUMBNAIL))
     out = {name: arrays[name].astype(np.float32) for name in a.items if name in arrays}
+    sizes = (settings or FrameSettings()).sizes
+    for spec in specs:  # a feature without rows (no audio) has zero rows, as in a cache
+        for d in spec.datasets:
+            if d.name not in out and d.name not in done.fixed:
+                out[d.name] = np.zeros((0, *spec.shape(d, sizes)), np.float32)
     thumbs = [a.items[THUMBNAIL][-1 - i] for i in range(n_shots)] if thumbnails else None
     frame_thumbs = ([a.items[FRAME_THUMBNAIL][i] for i in range(n_frames)]
                     if thumbnails and n_frames else None)

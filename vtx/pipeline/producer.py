@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from vtx.features import FeatureSpec
 from vtx.io import audio as audio_io
 from vtx.io.decode import Frame, VideoReader
-from vtx.pipeline.backbones import THUMBNAIL, FramePrep, ThumbnailPrep, sample_indices
+from vtx.pipeline.backbones import THUMBNAIL, FramePrep, ThumbnailPrep, grid_prep, sample_indices
 from vtx.pipeline.codec import CODEC_OPTIONS, CodecStream, pict_type
 from vtx.pipeline.sampling import FrameSampler, FrameSampling, KnownFrames
 from vtx.pipeline.shots import KnownShots, ShotBuffer, ShotConfig, ShotDetector, split_shot
@@ -107,11 +106,26 @@ class VideoFailed:
 
 @dataclass
 class FrameSettings:
-    """Per-run settings of the frame-level and audio streams."""
+    """Per-run settings of the frame-level and audio streams.
+
+    ``view`` is the grid view: the frame reducer of the built-in ViT run, whose output region
+    the codec's grids cover too (:func:`vtx.pipeline.backbones.grid_prep`); None means the
+    default ViT's centre crop. ``legacy_grids`` computes the codec's grids as vtx did before
+    grid views (``vtx predict`` for a head trained on such a cache).
+    """
 
     sampling: FrameSampling = field(default_factory=FrameSampling)
     motion_grid: int = 14
     residual_size: int = 56
+    view: FramePrep | None = None
+    legacy_grids: bool = False
+
+    @property
+    def grid(self) -> FramePrep:
+        """The grid view's frame reducer (``view``, or the default ViT's)."""
+        if self.view is None:
+            self.view = grid_prep()
+        return self.view
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -130,13 +144,13 @@ class VideoProducer:
         settings: frame sampling, motion grid and residual size.
         thumbnail: also emit a thumbnail of each shot's centre frame and of each sampled frame.
         capacity: most frames the shot buffer holds.
-        progress: a tqdm bar advanced per decoded frame.
+        progress: a bar advanced per decoded frame (:func:`vtx.progress.progress`).
     """
 
     def __init__(self, job: VideoJob, preps: Mapping[str, FramePrep], shot_config: ShotConfig,
                  emit: Callable[[object], None], settings: FrameSettings | None = None,
                  thumbnail: ThumbnailPrep | None = None, capacity: int = 300,
-                 progress: tqdm | None = None):
+                 progress=None):
         self.job = job
         self.shot_config = shot_config
         self.emit = emit
@@ -193,7 +207,8 @@ class VideoProducer:
                         FrameSampler(self.settings.sampling, reader.expected_duration))
         self.buffer = ShotBuffer(capacity=self.capacity)
         self.codec_stream = (CodecStream(self.codec, info.width, info.height,
-                                         self.settings.motion_grid, self.settings.residual_size)
+                                         self.settings.motion_grid, self.settings.residual_size,
+                                         legacy=self.settings.legacy_grids)
                              if self.codec else None)
         if self.audio_models:
             self.resampler = audio_io.AudioResampler()
@@ -204,7 +219,11 @@ class VideoProducer:
 
     def on_frame(self, frame: Frame) -> None:
         """One decoded frame: shot detection, the shot buffer, frame sampling, codec arrays."""
-        rotation = self.info.rotation
+        rotation = self.info.rotation  # known once the first frame is decoded
+        if frame.index == 0 and self.codec_stream is not None:  # the grids cover the grid view
+            info = self.info
+            self.codec_stream.place(self.settings.grid.region(info.width, info.height, rotation),
+                                    rotation)
         rgb = frame.av_frame.to_ndarray(format="rgb24")
         cuts = self.detector.push(frame.index, frame.pts, frame.time_base, rgb)
         reduced = {k: prep(rgb, rotation) for k, (_, prep) in self.shot_models.items()}

@@ -23,11 +23,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from vtx.errors import VideoError
 from vtx.pipeline.backbones import Backbone
 from vtx.pipeline.producer import DirectItem, ModelItem, VideoDone, VideoFailed, VideoJob
+from vtx.progress import progress as progress_bar
 
 OnBatch = Callable[[str, int, float], None]
 """``on_batch(model_key, n_items, seconds)``: one model batch ran (stacking the inputs, the
@@ -151,8 +151,9 @@ class BatchRunner:
                 if v in self.videos and self.videos[v].complete()]
 
 
-Produce = Callable[[VideoJob, Callable[[object], None], tqdm], None]
-"""``produce(job, emit, bar)``: run one video's producer in a decode thread."""
+Produce = Callable[[VideoJob, Callable[[object], None], object], None]
+"""``produce(job, emit, bar)``: run one video's producer in a decode thread; ``bar`` is the
+thread's frame bar (:func:`vtx.progress.progress`, silent outside a terminal)."""
 
 
 def run_jobs(jobs: Sequence[VideoJob], runner: BatchRunner, produce: Produce, *,
@@ -168,7 +169,8 @@ def run_jobs(jobs: Sequence[VideoJob], runner: BatchRunner, produce: Produce, *,
         workers: decode threads.
         on_video: receives each complete video, in this thread.
         on_failure: receives each failed video and the reason, in this thread.
-        progress: draw a bar for the videos and one per decode thread.
+        progress: show progress (:mod:`vtx.progress`): on a terminal a bar for the videos and
+            one per decode thread; in a log a line every few seconds.
     """
     q: queue.Queue = queue.Queue(maxsize=max(8, 4 * runner.batch_size))
     job_q: queue.Queue = queue.Queue()
@@ -179,8 +181,8 @@ def run_jobs(jobs: Sequence[VideoJob], runner: BatchRunner, produce: Produce, *,
     worker_exit = object()
 
     def worker(slot: int) -> None:
-        bar = tqdm(total=0, position=slot + 1, leave=False, unit="frame", disable=not progress,
-                   dynamic_ncols=True)
+        bar = progress_bar(total=0, unit="frame", enabled=progress, nested=True,
+                           position=slot + 1, leave=False)
         try:
             while not stop.is_set():
                 try:
@@ -203,8 +205,7 @@ def run_jobs(jobs: Sequence[VideoJob], runner: BatchRunner, produce: Produce, *,
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n_workers)]
     for t in threads:
         t.start()
-    bar = tqdm(total=len(jobs), position=0, unit="video", desc="extract", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=len(jobs), desc="extract", unit="video", enabled=progress)
 
     def finished(videos: list[VideoAssembler]) -> None:
         for a in videos:

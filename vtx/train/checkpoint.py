@@ -8,7 +8,8 @@ vocabulary and the identity of the cache features it was trained on, so ``vtx pr
     {
       "format": "vtx-head", "version": 1, "vtx_version": str,
       "head": str,                       # key of vtx.heads.HEADS
-      "head_config": dict,               # dataclasses.asdict(head.config)
+      "head_config": dict,               # dataclasses.asdict(head.config); fields missing
+                                         # from an older file take Config.LEGACY's values
       "state_dict": dict[str, Tensor],   # head.state_dict(), on the CPU
       "task": "multilabel" | "multiclass" | "regression",
       "vocab": list[str],                # output order; [] for regression
@@ -43,7 +44,7 @@ from torch import nn
 
 from vtx import __version__
 from vtx.errors import UsageError
-from vtx.heads import HEADS, build_head
+from vtx.heads import HEADS, build_head, saved_config
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "get_rng_state", "load_checkpoint",
            "read_checkpoint", "save_checkpoint", "set_rng_state", "to_plain"]
@@ -175,7 +176,8 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError,
+            KeyError, IndexError, TypeError, AttributeError) as e:  # garbage unpickles oddly
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} is not a vtx head checkpoint (torch.load failed: "
                               f"{first}); pass a best.pt/last.pt written by vtx train-head, "
@@ -206,7 +208,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     """
     ckpt = read_checkpoint(path)
     try:
-        head = build_head(ckpt["head"], **ckpt["head_config"])
+        head = build_head(ckpt["head"], **saved_config(ckpt["head"], ckpt["head_config"]))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot rebuild head {ckpt['head']!r} ({e}); it was "
                               f"written by vtx {ckpt.get('vtx_version')}") from e

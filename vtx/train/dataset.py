@@ -46,7 +46,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from vtx.errors import UsageError
-from vtx.features import is_weight_free
+from vtx.features import grid_view, is_weight_free, resolve
 from vtx.io.reader import CacheReader
 from vtx.train.labels import LabelSet
 from vtx.train.tokens import HEAD_LEVELS as LEVELS
@@ -185,6 +185,8 @@ class VideoTokens:
         tokens: ``{feature: (L, D) or (L, *shape)}``, all on one token axis, in the cache's dtype:
             a dict in memory, or :class:`StreamedTokens` that read from the cache when indexed.
         target: multi-hot float32 ``(C,)``, int64 class index ``()`` or float64 value ``()``.
+        positions: int64 ``(L,)``: each token's index in the video's whole token sequence,
+            before ``max_tokens`` subsampling (None: ``0 .. L-1``). VTN's positions index them.
     """
 
     key: str
@@ -193,6 +195,7 @@ class VideoTokens:
     split: str
     tokens: Mapping[str, np.ndarray]
     target: np.ndarray
+    positions: np.ndarray | None = None
 
     @property
     def length(self) -> int:
@@ -284,8 +287,10 @@ class TokenDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         v = self.videos[i]
         tokens = v.read()
+        positions = v.positions if v.positions is not None else np.arange(v.length)
         return {"tokens": {f: torch.from_numpy(tokens[f]) for f in self.features},
-                "target": torch.from_numpy(np.asarray(v.target)), "index": i}
+                "target": torch.from_numpy(np.asarray(v.target)), "index": i,
+                "positions": torch.from_numpy(np.asarray(positions, dtype=np.int64))}
 
 
 def collate(items: list[dict]) -> dict[str, Tensor]:
@@ -293,7 +298,8 @@ def collate(items: list[dict]) -> dict[str, Tensor]:
 
     Returns:
         ``{feature: float32 (B, L, *shape), "mask": bool (B, L), "target": (B, C) | (B,),
-        "index": int64 (B,)}``; padding is zero and trailing, ``mask`` True for real tokens.
+        "index": int64 (B,)}``, and ``"positions"`` int64 ``(B, L)`` when the items carry them;
+        padding is zero and trailing, ``mask`` True for real tokens.
     """
     features = list(items[0]["tokens"])
     lengths = [len(it["tokens"][features[0]]) for it in items]
@@ -308,6 +314,11 @@ def collate(items: list[dict]) -> dict[str, Tensor]:
         for b, it in enumerate(items):
             x[b, : lengths[b]] = it["tokens"][f].float()
         batch[f] = x
+    if all("positions" in it for it in items):
+        positions = torch.zeros(B, L, dtype=torch.int64)
+        for b, it in enumerate(items):
+            positions[b, : lengths[b]] = it["positions"]
+        batch["positions"] = positions
     batch["target"] = torch.stack([it["target"] for it in items])
     batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.int64)
     return batch
@@ -370,6 +381,7 @@ def load_cache(cache: str | Path, labels: LabelSet, features: Sequence[str] | Ma
         # 1. Which videos are labelled, and how their features were made.
         labelled = _labelled_videos(reader, labels)
         identity = _check_features(reader, labelled, features)
+        _note_grid_views(identity, log)
 
         # 2. Check each video against the head from metadata; its tokens stream later.
         source = TokenSource(cache, features, level, shapes, max_tokens, cache_bytes)
@@ -385,13 +397,13 @@ def load_cache(cache: str | Path, labels: LabelSet, features: Sequence[str] | Ma
             if length == 0:
                 n_empty += 1
                 continue
-            tokens = StreamedTokens(source, key, path,
-                                    len(subsample_indices(length, max_tokens)))
+            positions = subsample_indices(length, max_tokens)
+            tokens = StreamedTokens(source, key, path, len(positions))
             target = (np.asarray(labels.targets[label_key], dtype=np.float64)  # exact, for metrics
                       if labels.task == "regression" else labels.target_array(label_key))
             videos.append(VideoTokens(key=key, path=path, label_key=label_key,
                                       split=labels.splits[label_key], tokens=tokens,
-                                      target=target))
+                                      target=target, positions=positions))
         shot_config, frame_config = reader.shot_config, reader.frame_config
         n_unlabelled = len(reader) - len(labelled)
     for what, n in notes.items():
@@ -436,6 +448,22 @@ def _labelled_videos(reader: CacheReader, labels: LabelSet) -> list[tuple[str, s
             f"then by file stem; write paths relative to the folder given to "
             f"vtx extract --videos")
     return labelled
+
+
+def _note_grid_views(identity: Mapping[str, dict], log: Callable[[str], None]) -> None:
+    """A note when the spatial grids a head reads cover different image regions (a cache of
+    before grid views: its codec grids cover the whole coded frame, its ViT patches a crop)."""
+    views = {}
+    for ft, ident in identity.items():
+        spec = resolve(ft)
+        view = grid_view(spec, ident.get("weights", "")) if spec is not None else None
+        if view is not None:
+            views[ft] = view
+    if len(set(views.values())) > 1:
+        desc = ", ".join(f"{ft}: {v}" for ft, v in sorted(views.items()))
+        log(f"vtx: note: the spatial grids read here cover different image regions ({desc}), "
+            f"so patch (i, j) and motion cell (i, j) are not one place; re-extract them into "
+            f"a new cache with one grid view (docs/FORMAT.md, 'Grid view')")
 
 
 def _check_features(reader: CacheReader, labelled: Sequence[tuple[str, str, str]],
@@ -487,7 +515,7 @@ def _check_features(reader: CacheReader, labelled: Sequence[tuple[str, str, str]
             f"videos ({desc}); re-extract it into a new cache with one --weights setting")
     chosen = {ft: next(iter(ws)) for ft, ws in weights.items()}
     learned = {ft: w for ft, w in chosen.items() if not is_weight_free(w)}
-    random = [ft for ft, w in learned.items() if w == "random"]
+    random = [ft for ft, w in learned.items() if w.split("+")[0] == "random"]  # random+full-frame
     if random and len(random) < len(learned):
         desc = ", ".join(f"{ft} ({w})" for ft, w in learned.items())
         raise MixedWeightsError(

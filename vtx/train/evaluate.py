@@ -27,6 +27,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from vtx.errors import UsageError
+from vtx.progress import progress as progress_bar
 from vtx.train.checkpoint import CheckpointError, load_checkpoint
 from vtx.train.dataset import collate, load_cache
 from vtx.train.labels import load_labels
@@ -76,7 +77,7 @@ def write_predictions(path: str | Path, videos: list[str], scores: np.ndarray, t
 def evaluate_run(run_or_ckpt: str | Path, features: str | Path, labels: str | Path,
                  split: str = "test", predictions_out: str | Path | None = None, *,
                  device: str = "auto", batch_size: int = 32,
-                 log: Callable[[str], None] | None = None) -> dict:
+                 log: Callable[[str], None] | None = None, progress: bool = True) -> dict:
     """Evaluate a checkpoint on one split of a cache.
 
     Args:
@@ -88,6 +89,7 @@ def evaluate_run(run_or_ckpt: str | Path, features: str | Path, labels: str | Pa
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: videos per forward pass.
         log: where notes go (stderr by default).
+        progress: show progress over the batches (:mod:`vtx.progress`; ``--quiet`` is False).
 
     Returns:
         The task's metrics (``compute_metrics``) plus ``task``, ``split`` (the one evaluated),
@@ -130,7 +132,8 @@ def evaluate_run(run_or_ckpt: str | Path, features: str | Path, labels: str | Pa
 
     head.to(dev)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    idx, y_true, scores, loss = predict_scores(head, loader, task, dev)
+    batches = progress_bar(loader, desc="evaluate", unit="batch", enabled=progress)
+    idx, y_true, scores, loss = predict_scores(head, batches, task, dev)
     videos = [dataset.videos[i].path for i in idx]
     result: dict = dict(compute_metrics(task, y_true, scores))
     if task == "multilabel":

@@ -10,7 +10,10 @@ Two formats are read (``vtx train --labels FILE``):
 
    ``labels`` holds one class, or several separated by ``|`` (multi-label, e.g. the
    MMX-Trailer-20 genres of STAN, Section 4); ``value`` holds a number (regression).
-   ``split`` (``train``/``val``/``test``) is optional.
+   ``split`` (``train``/``val``/``test``) is optional. An empty ``labels`` field
+   (``clip.mp4,,train``) is a video to which no class applies: in a multi-label task it is an
+   all-negative target (dropping such videos would bias the training set towards positives);
+   it makes the inferred task multi-label, and a multi-class task refuses it.
 
 2. The LVU benchmark's task files (Wu & Kraehenbuehl, "Towards Long-Form Video
    Understanding", CVPR 2021; used by STAN, Table 2) as distributed: space-separated,
@@ -137,7 +140,8 @@ class LabelSet:
         return keys[0] if keys else None
 
     def target_array(self, key: str) -> np.ndarray:
-        """Multi-hot float32 (C,), int64 class index (), or float32 value ()."""
+        """Multi-hot float32 (C,) (all zeros for a video with no class), int64 class index
+        (), or float32 value ()."""
         target = self.targets[key]
         if self.task == "multilabel":
             out = np.zeros(len(self.vocab), dtype=np.float32)   # (C,)
@@ -265,10 +269,10 @@ def _check_csv_header(header: list[str], where: str) -> None:
 
 
 def _parse_label_field(text: str, where: str) -> tuple[str, ...]:
-    names = [n.strip() for n in text.split("|")]
+    """The classes of a ``labels`` field; ``()`` for an empty field (no class applies)."""
     if not text.strip():
-        raise LabelError(f"{where}: empty 'labels' field; give at least one class "
-                         "(several separated by '|'), or drop the row")
+        return ()
+    names = [n.strip() for n in text.split("|")]
     if any(not n for n in names):
         raise LabelError(f"{where}: empty class name in {text.strip()!r}; separate "
                          "classes with a single '|' and no trailing '|'")
@@ -366,6 +370,7 @@ def _resolve_task(parsed: _Parsed, task: str | None, source: Path) -> str:
         raise LabelError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
     if parsed.kind == "csv-labels":
         multi = next((r for r in parsed.rows if len(r.target) > 1), None)
+        empty = next((r for r in parsed.rows if not r.target), None)
         if task == "regression":
             raise LabelError(f"{source} has a 'labels' column (classes), but the task is "
                              "regression; use a 'value' column for numeric targets or "
@@ -374,9 +379,14 @@ def _resolve_task(parsed: _Parsed, task: str | None, source: Path) -> str:
             raise LabelError(f"{multi.where}: several classes ({'|'.join(multi.target)}) but "
                              "the task is multiclass; use --task multilabel or give one "
                              "class per video")
+        if task == "multiclass" and empty is not None:
+            raise LabelError(f"{empty.where}: empty 'labels' field, but the task is multiclass "
+                             "(exactly one class per video); give the video its class, or use "
+                             "--task multilabel, where an empty field means that no class "
+                             "applies")
         if task is not None:
             return task
-        return "multilabel" if multi is not None else "multiclass"
+        return "multilabel" if multi is not None or empty is not None else "multiclass"
     allowed = _KIND_TASKS[parsed.kind]
     if task is not None and task not in allowed:
         what = {"csv-value": "a 'value' column (regression targets)",
@@ -412,6 +422,9 @@ def _build_vocab(parsed: _Parsed, task: str, vocab: list[str] | None, source: Pa
         return [ids[i][0] if i in ids else f"class_{i}" for i in range(size)]
     names = {n for r in parsed.rows for n in r.target}
     if vocab is None:
+        if not names:
+            raise LabelError(f"{source}: every 'labels' field is empty, so there is no class to "
+                             "learn; name each video's classes (separated by '|')")
         return sorted(names)
     known = set(vocab)
     for r in parsed.rows:
@@ -500,4 +513,6 @@ def load_labels(path, task: str | None = None, val_frac: float = 0.2, *,
 
 
 def _show(target: object) -> str:
-    return "|".join(target) if isinstance(target, tuple) else repr(target)
+    if isinstance(target, tuple):
+        return "|".join(target) or "no class"
+    return repr(target)

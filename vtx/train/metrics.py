@@ -18,6 +18,10 @@ but only numpy is needed at runtime:
   zero_division=0)`` with predictions ``scores >= threshold``. A 0/0 ratio counts as 0.
   If no class has a positive, the support weights all vanish and the plain mean over
   classes is returned (which is then 0), as scikit-learn does.
+* A video with no positive class (an all-negative row, e.g. an empty ``labels`` field) is a
+  negative for every class: it adds no support, and counts in AP and precision through its
+  scores only (a false positive where it scores at or above the threshold), exactly as in
+  scikit-learn, whose per-class metrics treat rows independently of each other's labels.
 * ``top1`` / ``top5``: ``top_k_accuracy_score(labels=range(C))``. Ranking uses a stable
   sort, so among tied scores the *higher* class index ranks first. ``top5`` uses
   ``k = min(5, C)`` and is therefore 1.0 whenever ``C <= 5``.

@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from vtx.errors import UsageError
+from vtx.errors import ReadOnly, UsageError
+from vtx.io.space import writable_reason
 
 __all__ = ["RunFiles", "read_records", "render_curve", "write_records"]
 
@@ -41,11 +42,19 @@ class RunFiles:
         return self.out / "learning_curve.png"
 
     def check(self, resume: bool) -> None:
-        """Refuse to resume a folder without ``last.pt``, or to start a run over another one.
+        """Refuse to resume a folder without ``last.pt``, to start a run over another one, or
+        to run at all where the files cannot be written (checked before any training).
 
         Raises:
             UsageError: saying which flag to change.
+            ReadOnly: ``out`` (or the folder it would be created in) cannot be written.
         """
+        if self.out.exists() and not self.out.is_dir():
+            raise UsageError(f"--out {self.out} is a file; give a folder for the run")
+        reason = writable_reason(self.out)
+        if reason is not None:
+            raise ReadOnly(f"--out {self.out}: the run's checkpoints and metrics cannot be "
+                           f"written there: {reason}. Choose a writable folder for --out")
         if resume and not self.last.exists():
             raise UsageError(f"--resume: {self.last} does not exist, so there is nothing to "
                              "resume; drop --resume to start a new run")

@@ -9,6 +9,13 @@ on the validation split's primary metric (:func:`vtx.train.metrics.primary_metri
 stopping after ``patience`` epochs without improvement; without a validation split the training
 loss is used instead (and the run says so).
 
+Memory (a paper-size head on one 16 GB card, ``docs/BENCHMARKS.md``): ``grad_checkpoint``
+checkpoints the head's layer stacks (``Head.set_grad_checkpointing``), ``accumulate`` steps the
+optimizer once per N batches with the gradients of the N-times larger batch (each batch's loss
+weighted by its share of the step's videos), and ``batch_size="auto"`` picks the largest batch
+whose estimated step fits the device (:mod:`vtx.train.memory`); ``size="paper"`` builds the
+head at the paper's size (:func:`vtx.heads.preset`).
+
 The run folder ``out`` holds, after every epoch:
 
 * ``metrics.jsonl``: one JSON object per epoch: ``epoch``, ``lr`` (of the epoch's last step),
@@ -40,6 +47,7 @@ summary); each step longer than a few lines is a function of its own below it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -55,8 +63,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from vtx.errors import UsageError
-from vtx.heads import HEADS, build_head, config_class
+from vtx.heads import HEADS, SIZES, build_head, config_class, preset
 from vtx.heads.base import input_shape
+from vtx.progress import progress
 from vtx.train.checkpoint import (
     get_rng_state,
     read_checkpoint,
@@ -81,7 +90,8 @@ __all__ = ["TrainConfig", "TrainResult", "build_head_for", "head_inputs", "input
            "param_groups", "predict_scores", "scores_from_logits", "train_head"]
 
 #: Config fields a resumed run must share with the saved one.
-RESUME_MUST_MATCH = ("head", "features", "labels", "task", "val_frac", "max_tokens", "head_options")
+RESUME_MUST_MATCH = ("head", "features", "labels", "task", "val_frac", "max_tokens", "head_options",
+                     "size")
 
 
 @dataclass
@@ -94,7 +104,9 @@ class TrainConfig:
         labels: the label file or LVU task folder.
         out: the run folder.
         epochs: maximum epochs.
-        batch_size: videos per step (per process under DDP).
+        batch_size: videos per forward pass (per process under DDP), or ``"auto"``: the largest
+            that fits the device (:func:`vtx.train.memory.auto_batch_size`); the run's
+            ``train_config`` records the size picked.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_epochs: linear warm-up length, then cosine decay to 0 at ``epochs``.
@@ -111,8 +123,18 @@ class TrainConfig:
             from the cache; peak memory does not grow with the cache beyond this).
         resume: continue from ``out/last.pt``.
         amp: fp16 autocast and gradient scaling on CUDA (ignored on the CPU).
+        progress: a bar over each epoch's batches on a terminal, and one line per epoch
+            (``--quiet`` turns both off; notes and warnings still go to ``log``).
         head_options: head config fields (e.g. ``{"n_layers": 1}``); ``n_outputs`` and feature
             widths come from the labels and the cache.
+        size: ``"default"`` (the head config's own defaults) or ``"paper"``, the paper's model
+            size (:func:`vtx.heads.preset`); ``head_options`` override it.
+        grad_checkpoint: activation checkpointing of the head's layer stacks: the same
+            gradients, the activations of about one layer instead of all, a third more compute.
+        accumulate: gradient accumulation: one optimizer step per ``accumulate`` batches, with
+            the gradients of one batch ``accumulate`` times larger (the loss of each is weighted
+            by its share of the videos, so the gradients equal the big batch's up to float
+            error). The schedule counts optimizer steps.
     """
 
     head: str
@@ -120,7 +142,7 @@ class TrainConfig:
     labels: Path
     out: Path
     epochs: int = 30
-    batch_size: int = 16
+    batch_size: int | str = 16
     lr: float = 3e-4
     weight_decay: float = 0.05
     warmup_epochs: int = 2
@@ -135,7 +157,11 @@ class TrainConfig:
     cache_mb: int = 1024
     resume: bool = False
     amp: bool = True
+    progress: bool = True
     head_options: dict = field(default_factory=dict)
+    size: str = "default"
+    grad_checkpoint: bool = False
+    accumulate: int = 1
 
 
 @dataclass
@@ -274,6 +300,8 @@ def head_inputs(batch: dict[str, Tensor], features, device: torch.device) -> dic
     """The head's part of a collated batch, on ``device``."""
     out = {f: batch[f].to(device, non_blocking=True) for f in features}
     out["mask"] = batch["mask"].to(device, non_blocking=True)
+    if "positions" in batch:  # each token's index in its video before --max-tokens (VTN)
+        out["positions"] = batch["positions"].to(device, non_blocking=True)
     return out
 
 
@@ -324,8 +352,8 @@ def _lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         span = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        done = min(1.0, (step - warmup_steps) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * done))
     return f
 
 
@@ -379,7 +407,7 @@ def _check_resume(saved: dict, config: TrainConfig, head_config: dict, data: Cac
     now = to_plain(_plain_config(config))
     diffs = []
     for k in RESUME_MUST_MATCH:
-        a, b = old.get(k), now[k]
+        a, b = old.get(k, "default" if k == "size" else None), now[k]  # runs before --size
         same = _same_path(a, b) if k in ("features", "labels") else a == b
         if not same:
             diffs.append(f"{k}: saved {a!r}, now {b!r}")
@@ -394,8 +422,9 @@ def _check_resume(saved: dict, config: TrainConfig, head_config: dict, data: Cac
         raise UsageError(f"cannot resume {config.out}: the run was made with other settings ("
                          + "; ".join(diffs) + "); rerun with the original options, or start a "
                          "new run with another --out")
-    for k in ("batch_size", "lr", "weight_decay", "warmup_epochs", "grad_clip", "seed", "epochs"):
-        a, b = old.get(k), getattr(config, k)
+    for k in ("batch_size", "lr", "weight_decay", "warmup_epochs", "grad_clip", "seed", "epochs",
+              "accumulate", "grad_checkpoint"):
+        a, b = old.get(k, {"accumulate": 1, "grad_checkpoint": False}.get(k)), getattr(config, k)
         if a != b:
             log(f"vtx: note: resuming with {k} = {b!r} (the run started with {a!r})")
 
@@ -479,13 +508,16 @@ def _train(config: TrainConfig, d: Dist, device: torch.device, log: Callable[[st
     data, head = _load_data_and_head(config, device, log)
     train_set, val_set = _datasets(data, log)
     select = _selection(data.labels.task, has_val=len(val_set) > 0, log=log)
+    config = _resolve_batch_size(config, head, train_set, device, log)  # --batch-size auto
 
     # 3. loaders: a DistributedSampler shards the training videos (one shard on one process)
     train_loader, val_loader = _loaders(config, train_set, val_set, d)
 
     # 4. AdamW, the warm-up + cosine schedule (stepped every batch) and the fp16 grad scaler
     use_amp = config.amp and device.type == "cuda"
-    optimizer, scheduler, scaler = _optimizer(config, head, len(train_loader), use_amp)
+    optimizer, scheduler, scaler = _optimizer(config, head,
+                                              math.ceil(len(train_loader) / config.accumulate),
+                                              use_amp)
     run = _Run(config=config, files=files, data=data, select=select, device=device,
                use_amp=use_amp, head=head, model=head, optimizer=optimizer, scheduler=scheduler,
                scaler=scaler)
@@ -533,8 +565,15 @@ def _rank0_log(log: Callable[[str], None] | None, d: Dist) -> Callable[[str], No
 
 
 def _check_options(config: TrainConfig, files: RunFiles) -> None:
-    if config.epochs < 1 or config.batch_size < 1:
-        raise UsageError("--epochs and --batch-size must be at least 1")
+    auto = config.batch_size == "auto"
+    if config.epochs < 1 or not auto and (not isinstance(config.batch_size, int)
+                                          or config.batch_size < 1):
+        raise UsageError(f"--epochs must be at least 1 and --batch-size at least 1 or 'auto' "
+                         f"(got {config.epochs}, {config.batch_size!r})")
+    if config.accumulate < 1:
+        raise UsageError(f"--accumulate must be at least 1, got {config.accumulate}")
+    if config.size not in SIZES:
+        raise UsageError(f"--size must be one of {', '.join(SIZES)}, got {config.size!r}")
     if config.loader_workers < 0 or config.cache_mb < 0:
         raise UsageError("--loader-workers and --cache-mb must be at least 0")
     if config.patience < 1:
@@ -552,11 +591,15 @@ def _load_data_and_head(config: TrainConfig, device: torch.device,
     _seed_everything(config.seed)
     labels = load_labels(config.labels, task=config.task, val_frac=config.val_frac)
     n_outputs = 1 if labels.task == "regression" else len(labels.vocab)
-    proto = build_head_for(config.head, n_outputs, None, config.head_options)
+    options = _head_options(config)
+    proto = build_head_for(config.head, n_outputs, None, options)
     data = load_cache(config.features, labels, proto.inputs, proto.level, config.max_tokens, log,
                       cache_bytes=config.cache_mb << 20)
     torch.manual_seed(config.seed)
-    head = build_head_for(config.head, n_outputs, data.dims, config.head_options)
+    head = build_head_for(config.head, n_outputs, data.dims, options)
+    if config.grad_checkpoint and not head.set_grad_checkpointing(True):
+        log(f"vtx: note: head {config.head!r} has no layer stack to checkpoint; "
+            f"--grad-checkpoint changes nothing")
     if labels.task == "regression" and not config.resume:
         targets = [float(v.target) for v in data.videos if v.split == "train"]
         if targets:
@@ -564,6 +607,48 @@ def _load_data_and_head(config: TrainConfig, device: torch.device,
     if hasattr(head, "set_input_stats"):
         head.set_input_stats(input_stats(data, head.features))
     return data, head.to(device)
+
+
+def _head_options(config: TrainConfig) -> dict:
+    """The head's options: the ``--size`` preset, then ``head_options`` over it."""
+    try:
+        sized = preset(config.head, config.size)
+    except ValueError as e:
+        raise UsageError(f"--size {config.size}: {e}") from e
+    return {**sized, **config.head_options}
+
+
+def _resolve_batch_size(config: TrainConfig, head: nn.Module, train_set: TokenDataset,
+                        device: torch.device, log: Callable[[str], None]) -> TrainConfig:
+    """``--batch-size auto``: the largest batch whose training step fits the device, for the
+    longest training video (:func:`vtx.train.memory.auto_batch_size`); other sizes unchanged."""
+    if config.batch_size != "auto":
+        return config
+    from vtx.train.memory import GiB, auto_batch_size
+
+    use_amp = config.amp and device.type == "cuda"
+    longest = max(range(len(train_set)), key=lambda i: train_set.videos[i].length)
+    length = train_set.videos[longest].length
+    try_step = None
+    if device.type == "cuda":
+        def try_step(size: int) -> bool:  # one real forward and backward at this size
+            batch = head_inputs(collate([train_set[longest]] * size), head.features, device)
+            try:
+                with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                    head.train()(batch).float().sum().backward()
+                return True
+            except torch.cuda.OutOfMemoryError:
+                return False
+            finally:
+                head.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+    size, estimate, budget = auto_batch_size(
+        config.head, head, length, len(train_set), device, amp=use_amp,
+        grad_checkpoint=config.grad_checkpoint, try_step=try_step)
+    log(f"vtx: --batch-size auto: {size} videos per step (estimated peak "
+        f"{estimate.peak / GiB:.2f} GiB of {budget / GiB:.2f} GiB available on {device}, for "
+        f"the longest training video: {length} tokens)")
+    return dataclasses.replace(config, batch_size=size)
 
 
 def _datasets(data: CacheData, log: Callable[[str], None]) -> tuple[TokenDataset, TokenDataset]:
@@ -639,29 +724,52 @@ def _resume(run: _Run, d: Dist, log: Callable[[str], None]) -> None:
         f"epoch {run.best_epoch})")
 
 
+def _accumulation_weights(loader: DataLoader, accumulate: int) -> list[float]:
+    """Each batch's share of the videos of its optimizer step (``accumulate`` batches per step,
+    the last step of an epoch possibly fewer): weighting each batch's mean loss by it makes the
+    accumulated gradients those of the whole step's mean loss."""
+    n, size = len(loader.sampler), loader.batch_size
+    sizes = [min(size, n - i * size) for i in range(len(loader))]
+    weights = []
+    for i, b in enumerate(sizes):
+        start = i - i % accumulate
+        weights.append(b / sum(sizes[start:start + accumulate]))
+    return weights
+
+
 def _train_epoch(run: _Run, loader: DataLoader, d: Dist) -> tuple[float, float]:
-    """One pass over this rank's shard of the training videos.
+    """One pass over this rank's shard of the training videos; an optimizer step every
+    ``accumulate`` batches (gradient accumulation; under DDP, gradients are synchronised on the
+    last batch of each step only).
 
     Returns:
         ``(training loss averaged over all ranks, learning rate of the epoch's last step)``.
     """
-    from tqdm import tqdm
-
     config, head, optimizer, scaler = run.config, run.head, run.optimizer, run.scaler
     torch.manual_seed(epoch_seed(config.seed, run.epoch, d.rank))  # dropout of this epoch
     loader.sampler.set_epoch(run.epoch)
     run.model.train()
     loss_sum, count, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
-    bar = tqdm(loader, desc=f"epoch {run.epoch}/{config.epochs}", unit="batch",
-               file=sys.stderr, leave=False, disable=None if d.main else True)
-    for batch in bar:
+    accumulate = config.accumulate
+    weights = _accumulation_weights(loader, accumulate)
+    bar = progress(loader, desc=f"epoch {run.epoch}/{config.epochs}", unit="batch",
+                   enabled=config.progress and d.main, nested=True, leave=False)
+    for i, batch in enumerate(bar):
+        step_ends = i % accumulate == accumulate - 1 or i == len(weights) - 1
+        if i % accumulate == 0:
+            optimizer.zero_grad(set_to_none=True)
         inputs = head_inputs(batch, head.features, run.device)
         target = batch["target"].to(run.device, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.float16, enabled=run.use_amp):
-            logits = run.model(inputs)
-        loss = loss_fn(run.data.labels.task, logits, target)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        sync = contextlib.nullcontext() if step_ends or not d.enabled else run.model.no_sync()
+        with sync:
+            with torch.autocast("cuda", dtype=torch.float16, enabled=run.use_amp):
+                logits = run.model(inputs)
+            loss = loss_fn(run.data.labels.task, logits, target)
+            scaler.scale(loss * weights[i]).backward()
+        if not step_ends:
+            loss_sum += float(loss.detach()) * len(target)
+            count += len(target)
+            continue
         if config.grad_clip:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(head.parameters(), config.grad_clip)
@@ -715,8 +823,9 @@ def _evaluate_and_save(run: _Run, val_loader: DataLoader, train_loss: float, lr:
     save_checkpoint(run.files.last, **saved)
     render_curve(run.records, run.files.curve, select.metric if select.has_val else None)
 
-    log(f"epoch {run.epoch}/{run.config.epochs}  lr {lr:.2e}  train_loss {train_loss:.4f}"
-        + (f"  val_loss {record['val_loss']:.4f}  {select.name} {value:.4f}"
-           if select.has_val else "")
-        + ("  *best*" if record["best"] else "") + f"  {record['seconds']:.1f}s")
+    if run.config.progress:
+        log(f"epoch {run.epoch}/{run.config.epochs}  lr {lr:.2e}  train_loss {train_loss:.4f}"
+            + (f"  val_loss {record['val_loss']:.4f}  {select.name} {value:.4f}"
+               if select.has_val else "")
+            + ("  *best*" if record["best"] else "") + f"  {record['seconds']:.1f}s")
     return record
