@@ -150,7 +150,7 @@ def test_damage_gives_clear_errors_check_lists_it_and_repair_recomputes_only_it(
             == [("v0.mp4", ["resnet18"])]
         assert report["root"] == {}
     damaged = {v["key"] for v in report["damaged"]}
-    r = vtx("check", bad, "--no-progress")
+    r = vtx("check", bad, "--quiet")
     assert r.exit_code == 6 and "--repair" in r.stdout
     assert ("DAMAGED video 'v0.mp4': dataset 'resnet18'" in r.stdout) == (kind != "root")
 

@@ -85,10 +85,15 @@ def test_demo_end_to_end_offline(tmp_path):
     env = vtx_env()
     env["TORCH_HOME"] = str(tmp_path / "empty_torch_home")
     out = tmp_path / "demo"
+    env["VTX_PROGRESS_INTERVAL"] = "0"  # a progress line whenever one may be written
     r = subprocess.run(VTX + ["demo", "--out", str(out), "--videos", "24", "--epochs", "2",
-                              "--no-progress", "--json"], env=env, capture_output=True,
-                       text=True, timeout=600)
+                              "--json"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
+    # stderr is a pipe, not a terminal: plain lines, at most one per video, no bar fragments.
+    assert "\r" not in r.stderr
+    progress = [ln for ln in r.stderr.splitlines() if not ln.startswith("[demo]")]
+    assert all(ln.startswith("extract: ") for ln in progress), progress
+    assert len(progress) <= 25
     assert "FALLING BACK TO --weights random" in r.stderr
     for step in ("1/5", "2/5", "3/5 train-head stan", "3/5 train-head meanpool", "4/5", "5/5"):
         assert f"[demo] {step}" in r.stderr
@@ -98,7 +103,9 @@ def test_demo_end_to_end_offline(tmp_path):
     assert all(0.0 <= v <= 1.0 for v in result["order_ap"].values())
     assert (out / "explain.png").stat().st_size > 1000
     assert {x["label"] for x in result["prediction"]["labels"]} == {
-        "has_city", "fast_motion", "high_tone", "chase_before_crash"}
+        "has_city", "fast_motion", "chase_before_crash"}
+    assert result["margin"] == pytest.approx(result["order_ap"]["stan"]
+                                             - result["order_ap"]["meanpool"], abs=1e-6)
     with h5py.File(out / "feats.h5") as f:
         assert len(f["videos"]) == 25
         assert all(g["resnet18"].attrs["weights"] == "random" for g in f["videos"].values())
@@ -120,3 +127,12 @@ def test_help_documents_disk_full_damage_and_check():
         r = CliRunner().invoke(cli, command)
         assert "6  the feature cache is damaged (see vtx check)" in r.output
     assert "read-only --out" in CliRunner().invoke(cli, ["train-head", "--help"]).output
+
+
+def test_demo_cli_defaults_are_the_demo_config_defaults():
+    from vtx.demo import DemoConfig
+
+    params = {p.name: p.default for p in cli.commands["demo"].params}
+    config = DemoConfig()
+    assert (params["n_videos"], params["epochs"], params["seed"], params["device"]) == (
+        config.n_videos, config.epochs, config.seed, config.device)

@@ -32,17 +32,32 @@ def test_mode_follows_the_terminal_and_quiet(monkeypatch):
     assert progress_mode(False, io.StringIO()) == "off"  # --quiet wins over the variable
 
 
-def test_lines_every_interval_and_a_last_one():
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_lines_every_interval_with_the_time_left_and_a_last_one(monkeypatch):
+    """A line at most every 10 s; the time left comes from the rate after the first unit (a
+    slow start, such as loading models, does not count)."""
+    clock = Clock()
+    monkeypatch.setattr("vtx.progress.time.monotonic", clock)
     out = io.StringIO()
-    bar = LineProgress(total=4, desc="extract", unit="video", stream=out, interval=0)
-    for _ in range(4):
+    bar = LineProgress(total=10, desc="extract", unit="video", stream=out, interval=10)
+    for t in (60, 64, 68, 72, 76, 80, 84, 88, 92, 93):  # first video after a 60 s start
+        clock.now = 1000.0 + t
         bar.update()
     bar.close()
-    lines = out.getvalue().splitlines()
     assert "\r" not in out.getvalue()
-    assert lines[0].startswith("extract: 1/4 videos (25%), 0 s elapsed, about 0 s left")
-    assert lines[-1].startswith("extract: 4/4 videos (100%)")
-    assert len(lines) == 4  # one per unit at most, and no repeat at close
+    assert out.getvalue().splitlines() == [
+        "extract: 1/10 videos (10%), 1 min 00 s elapsed",
+        "extract: 4/10 videos (40%), 1 min 12 s elapsed, about 24 s left",
+        "extract: 7/10 videos (70%), 1 min 24 s elapsed, about 12 s left",
+        "extract: 10/10 videos (100%), 1 min 33 s elapsed",
+    ]
 
 
 def test_a_job_shorter_than_the_interval_prints_nothing():

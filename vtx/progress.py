@@ -3,7 +3,7 @@
 * stderr is a terminal: a tqdm bar, redrawn in place (nested bars, such as ``vtx extract``'s
   one per decode thread, stack below the main one).
 * stderr is not a terminal (a log file, a pipe, CI): plain lines such as
-  ``extract: 12/65 videos (18%), 34 s elapsed, about 2 min left``, at most one every
+  ``extract: 12/65 videos (18%), 34 s elapsed, about 2 min 30 s left``, at most one every
   :data:`LINE_INTERVAL_S` seconds and a last one when such a job ends (a job shorter than that
   prints nothing); nested bars and per-batch bars print nothing (their job's own lines say
   enough). No carriage returns, ever.
@@ -90,11 +90,13 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
 
 
 def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    """``42 s``, ``3 min 05 s``, ``2 h 07 min``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 class LineProgress:
@@ -120,6 +122,7 @@ class LineProgress:
         self.n = 0
         self.postfix = ""
         self.start = self.last = time.monotonic()
+        self.first: tuple[float, int] | None = None  # (time, n) of the first update
         self.printed_n: int | None = None  # n of the last line written
         self.closed = False
         self._lock = threading.Lock()
@@ -144,14 +147,16 @@ class LineProgress:
 
     def update(self, n: int = 1) -> None:
         with self._lock:
-            self.n += n
             now = time.monotonic()
+            self.n += n
+            if self.first is None:
+                self.first = (now, self.n)
             if now - self.last >= self.interval:
                 self._write(now)
 
     def reset(self, total: int | None = None) -> None:
         with self._lock:
-            self.n, self.total, self.printed_n = 0, total, None
+            self.n, self.total, self.printed_n, self.first = 0, total, None, None
             self.start = self.last = time.monotonic()
 
     def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
@@ -173,14 +178,23 @@ class LineProgress:
 
     # ------------------------------------------------------------------ the line
     def line(self, now: float | None = None) -> str:
-        """``desc: n/total units (p%), E elapsed, about R left[, postfix]``."""
-        elapsed = (time.monotonic() if now is None else now) - self.start
+        """``desc: n/total units (p%), E elapsed, about R left[, postfix]``.
+
+        The time left is estimated from the rate after the first update, so a slow start
+        (loading models, filling the pipeline) does not inflate it; it is shown once two
+        units have passed since then.
+        """
+        now = time.monotonic() if now is None else now
+        elapsed = now - self.start
         units = self.unit if self.n == 1 and not self.total else f"{self.unit}s"
         done = f"{self.n}/{self.total} {units}" if self.total else f"{self.n} {units}"
         parts = [done + (f" ({100 * self.n / self.total:.0f}%)" if self.total else ""),
                  f"{_duration(elapsed)} elapsed"]
-        if self.total and 0 < self.n < self.total:
-            parts.append(f"about {_duration(elapsed * (self.total - self.n) / self.n)} left")
+        if self.total and self.first is not None and self.n < self.total:
+            t_first, n_first = self.first
+            if self.n - n_first >= 2 and now > t_first:
+                rate = (self.n - n_first) / (now - t_first)
+                parts.append(f"about {_duration((self.total - self.n) / rate)} left")
         if self.postfix:
             parts.append(self.postfix)
         return f"{self.desc}: " * bool(self.desc) + ", ".join(parts)

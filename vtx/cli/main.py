@@ -133,8 +133,9 @@ QUIET_HELP = "No progress on stderr (errors, warnings and the result still print
 @click.option("--workers", type=int, default=1, show_default=True,
               help="Videos decoded in parallel.")
 @click.option("--glob", "globs", multiple=True,
-              help="Recursive glob(s) relative to --videos, e.g. '**/*.mp4' (repeatable) "
-                   "[default: common video extensions].")
+              help="Recursive glob(s) relative to each --videos folder (and each folder in a "
+                   "list), e.g. '**/*.mp4' (repeatable) [default: common video extensions]; "
+                   "video files given or listed are taken whatever their extension.")
 @click.option("--dtype", default="float16", show_default=True,
               type=click.Choice(["float16", "float32"]), help="Storage type of features.")
 @click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
@@ -217,9 +218,9 @@ def features_(names, dtype, as_json) -> None:
 @cli.command()
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(path_type=Path),
               help="Folder for the synthetic videos, the cache, the runs and the explanation.")
-@click.option("--videos", "n_videos", default=64, show_default=True,
+@click.option("--videos", "n_videos", default=128, show_default=True,
               help="Labelled videos to synthesise (at least 24), plus one held out.")
-@click.option("--epochs", default=40, show_default=True, help="Training epochs per head.")
+@click.option("--epochs", default=80, show_default=True, help="Training epochs per head.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--seed", default=0, show_default=True,
               help="Seeds the synthetic videos, the random weights, the splits and training.")
@@ -290,10 +291,11 @@ def predict(videos, model, device, top_k, explain, weights_dir, quiet, as_json) 
 @click.option("--repair", is_flag=True,
               help="Remove the damaged videos (the others are kept), so that the next vtx "
                    "extract recomputes only those.")
-@click.option("--progress/--no-progress", default=True, show_default=True,
-              help="Progress bar on stderr.")
+@click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
+@click.option("--progress/--no-progress", default=True, hidden=True,
+              help="Old spelling: --no-progress is --quiet.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-def check(cache, repair, progress, as_json) -> None:
+def check(cache, repair, quiet, progress, as_json) -> None:
     """Read every attribute and dataset of CACHE (a feats.h5), verifying each chunk's
     Fletcher-32 checksum, and list the damaged videos with the dataset and the reason.
 
@@ -305,7 +307,7 @@ def check(cache, repair, progress, as_json) -> None:
     from vtx.io.check import check_cache, repair_cache
 
     try:
-        report = (repair_cache if repair else check_cache)(cache, progress=progress)
+        report = (repair_cache if repair else check_cache)(cache, progress=progress and not quiet)
     except VtxError as e:
         _fail(e)
     if as_json:

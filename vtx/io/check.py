@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import h5py
-from tqdm import tqdm
 
 from vtx import SCHEMA_VERSION, __version__
 from vtx.errors import CacheDamaged, DiskFull, ReadOnly
@@ -36,6 +35,7 @@ from vtx.io.cache import FAILURES, VIDEOS, CacheLock
 from vtx.io.reader import DAMAGE_ERRORS, CacheNotFoundError, damage_reason, key_path
 from vtx.io.space import (create_reserved, free_bytes, fsync_dir, fsync_file, human,
                           is_disk_full, is_read_only, writable_reason)
+from vtx.progress import progress as progress_bar
 
 __all__ = ["CheckReport", "VideoDamage", "check_cache", "repair_cache"]
 
@@ -228,8 +228,7 @@ def check_cache(path: str | os.PathLike, progress: bool = True) -> CheckReport:
             report.unreadable = f"the list of videos under /{VIDEOS}: {damage_reason(e)}"
             return report
         report.videos = len(keys)
-        for key in tqdm(keys, desc="check", unit="video", disable=not progress,
-                        dynamic_ncols=True):
+        for key in progress_bar(keys, desc="check", unit="video", enabled=progress):
             damage = _check_video(videos, key, report)
             if damage is not None:
                 report.damaged.append(damage)

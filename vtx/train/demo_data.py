@@ -1,13 +1,12 @@
 """Synthetic labelled "trailers" for ``vtx demo``: where a temporal head must beat mean pooling.
 
 STAN (the shot-token transformer with positional embeddings) should win over mean pooling
-on labels that depend on the *order* of shots. This module designs a small multi-label data
-set of :mod:`vtx.io.synth` videos with three bag-of-shots labels and one order label:
+on labels that depend on the *order* of shots. This module designs a multi-label data set of
+:mod:`vtx.io.synth` videos with two bag-of-shots labels and one order label:
 
 =====================  =============================================================
 ``has_city``           some shot shows scene :data:`CITY` (visual, per shot)
 ``fast_motion``        some shot's object moves >= :data:`FAST_SPEED` px/frame (motion)
-``high_tone``          some shot plays a tone >= :data:`HIGH_TONE_HZ` Hz (audio only)
 ``chase_before_crash`` a shot of scene :data:`CHASE` comes before a shot of scene
                        :data:`CRASH` (order-dependent)
 =====================  =============================================================
@@ -22,9 +21,18 @@ an order-aware head can tell them apart. Twins always share a split.
 The cues are deliberately strong, because the offline demo extracts features with randomly
 initialised backbones: the scenes are distinct backgrounds, slow objects move by at most
 0.5 px/frame and fast ones by 4-5 px/frame, and adjacent shots never share a scene (so every
-designed shot is a hard cut that shot detection finds). The three bag labels follow a cycle of
-the seven non-empty combinations of (city, fast, high tone), so each is positive in about
-4/7 of the videos and no video has an empty label set (a vtx CSV cannot express one).
+designed shot is a hard cut that shot detection finds). The two bag labels follow a cycle of
+the three non-empty combinations of (city, fast), so each is positive in about 2/3 of the
+videos and every video has a label besides the order one.
+
+Shots play tones (the videos have sound, as trailers do) but no label depends on them: the
+demo's features (``resnet18``, ``r2plus1d``) carry no audio, and a label that no head can see
+is only memorised video by video, which measurably delays learning the order label (an
+earlier version had a ``high_tone`` label; see docs/BENCHMARKS.md, "vtx demo").
+
+Videos are short (3 or 4 shots of 15 to 18 frames) because extraction costs one R(2+1)D clip
+per shot: for the same time, more and shorter videos give the order label more training pairs
+and val/test splits large enough (20 % each by default) to select and measure on.
 """
 
 from __future__ import annotations
@@ -45,10 +53,7 @@ CHASE, CITY, CRASH = 0, 2, 5
 FILLER_SCENES = tuple(s for s in range(N_SCENES) if s not in (CHASE, CITY, CRASH))
 FAST_SPEED = 4.0
 """A shot whose object moves at least this many pixels per frame is fast."""
-HIGH_TONE_HZ = 1000.0
-"""A tone at or above this frequency is high."""
-
-LABELS = ["has_city", "fast_motion", "high_tone", "chase_before_crash"]
+LABELS = ["has_city", "fast_motion", "chase_before_crash"]
 """The label vocabulary, in the order :func:`labels_of` lists a video's labels."""
 
 SPLITS = ("train", "val", "test")
@@ -57,9 +62,8 @@ HELD_OUT_PREFIX = "heldout_"
 
 _FAST_SPEEDS = (4.0, 5.0)
 _SLOW_MOTIONS = ((0.0, 0.0), (0.5, 0.0), (-0.5, 0.0), (0.0, 0.5), (0.0, -0.5))
-_LOW_TONES = (None, 220.0, 330.0, 440.0, 660.0)
-_HIGH_TONES = (1500.0, 2000.0, 3000.0)
-_BAG_COMBOS = [c for c in product((False, True), repeat=3) if any(c)]  # (city, fast, high)
+_TONES = (None, 220.0, 330.0, 440.0, 660.0, 1500.0, 2000.0, 3000.0)  # sound only, no label
+_BAG_COMBOS = [c for c in product((False, True), repeat=2) if any(c)]  # (city, fast)
 _MANIFEST = "demo_videos.json"
 
 
@@ -90,16 +94,16 @@ def labels_of(shots: list[Shot]) -> list[str]:
     has = {
         "has_city": CITY in scenes,
         "fast_motion": any(math.hypot(*s.motion) >= FAST_SPEED for s in shots),
-        "high_tone": any(s.tone_hz is not None and s.tone_hz >= HIGH_TONE_HZ for s in shots),
         "chase_before_crash": bool(chase_at and crash_at and min(chase_at) < max(crash_at)),
     }
     return [name for name in LABELS if has[name]]
 
 
-def design_dataset(n_videos: int, seed: int = 0, shots_per_video: tuple[int, int] = (4, 5),
-                   frames_per_shot: tuple[int, int] = (16, 20),
-                   held_out: int = 1) -> list[DemoVideo]:
-    """Design ``n_videos`` labelled videos split 70/15/15, plus ``held_out`` extra test videos.
+def design_dataset(n_videos: int, seed: int = 0, shots_per_video: tuple[int, int] = (3, 4),
+                   frames_per_shot: tuple[int, int] = (15, 18), held_out: int = 1,
+                   eval_frac: float = 0.2) -> list[DemoVideo]:
+    """Design ``n_videos`` labelled videos split into train, val and test (``eval_frac`` of
+    them in each of val and test), plus ``held_out`` extra test videos.
 
     Deterministic given the arguments. Twin pairs (see the module docstring) are split
     together, and the split is redrawn until each of train, val and test holds a positive
@@ -114,6 +118,8 @@ def design_dataset(n_videos: int, seed: int = 0, shots_per_video: tuple[int, int
         frames_per_shot: Inclusive range of frames per shot; at least 15 so that shot
             detection (ContentDetector's default ``min_scene_len``) keeps every shot.
         held_out: Extra videos named ``heldout_NN``, split ``test``, for ``vtx predict``.
+        eval_frac: Share of the videos in val, and in test (at least 4 videos each); between
+            0.05 and 0.4.
 
     Raises:
         ValueError: a range or count is out of bounds, or no split satisfies the above.
@@ -131,13 +137,15 @@ def design_dataset(n_videos: int, seed: int = 0, shots_per_video: tuple[int, int
                          f"of every label; use at least 24")
     if held_out < 0:
         raise ValueError(f"held_out must be >= 0; got {held_out}")
+    if not 0.05 <= eval_frac <= 0.4:
+        raise ValueError(f"eval_frac must be between 0.05 and 0.4; got {eval_frac}")
     rng = np.random.default_rng(seed)
     n_units = (n_videos + 1) // 2
     combos = _balanced_combos(rng, n_units)
     units = [_twins(rng, combo, shots_per_video, frames_per_shot) for combo in combos]
     if n_videos % 2:                      # the last unit keeps one twin, chosen at random
         units[-1] = [units[-1][rng.integers(2)]]
-    splits = _assign_splits(rng, units)
+    splits = _assign_splits(rng, units, eval_frac)
 
     videos = []
     for unit, split in zip(units, splits):
@@ -154,19 +162,19 @@ def design_dataset(n_videos: int, seed: int = 0, shots_per_video: tuple[int, int
     return videos
 
 
-def _balanced_combos(rng: np.random.Generator, n: int) -> list[tuple[bool, bool, bool]]:
-    """``n`` (city, fast, high) combinations cycling through a shuffle of the 7 non-empty ones."""
+def _balanced_combos(rng: np.random.Generator, n: int) -> list[tuple[bool, bool]]:
+    """``n`` (city, fast) combinations cycling through a shuffle of the 3 non-empty ones."""
     combos = []
     while len(combos) < n:
         combos += [_BAG_COMBOS[i] for i in rng.permutation(len(_BAG_COMBOS))]
     return combos[:n]
 
 
-def _twins(rng: np.random.Generator, combo: tuple[bool, bool, bool],
+def _twins(rng: np.random.Generator, combo: tuple[bool, bool],
            shots_per_video: tuple[int, int],
            frames_per_shot: tuple[int, int]) -> list[tuple[list[Shot], int]]:
     """Two (shots, seed): chase before crash, then the same shots with those two swapped."""
-    city, fast, high = combo
+    city, fast = combo
     k = int(rng.integers(shots_per_video[0], shots_per_video[1] + 1))
     slots = [int(i) for i in rng.permutation(k)]
     i_chase, i_crash = sorted(slots[:2])
@@ -183,9 +191,7 @@ def _twins(rng: np.random.Generator, combo: tuple[bool, bool, bool],
     if fast:
         for i in rng.choice(k, size=int(rng.integers(1, 3)), replace=False):
             motions[i] = (float(rng.choice((-1.0, 1.0)) * rng.choice(_FAST_SPEEDS)), 0.0)
-    tones = [_LOW_TONES[rng.integers(len(_LOW_TONES))] for _ in range(k)]
-    if high:
-        tones[int(rng.integers(k))] = float(rng.choice(_HIGH_TONES))
+    tones = [_TONES[rng.integers(len(_TONES))] for _ in range(k)]
 
     frames = rng.integers(frames_per_shot[0], frames_per_shot[1] + 1, size=k)
     shots = [Shot(int(n), s, m, t) for n, s, m, t in zip(frames, scenes, motions, tones)]
@@ -196,11 +202,12 @@ def _twins(rng: np.random.Generator, combo: tuple[bool, bool, bool],
 
 
 def _assign_splits(rng: np.random.Generator, units: list[list[tuple[list[Shot], int]]],
-                   tries: int = 1000) -> list[str]:
-    """A split per unit, about 70/15/15 of the videos, with both classes of every label in each."""
+                   eval_frac: float, tries: int = 1000) -> list[str]:
+    """A split per unit, ``eval_frac`` of the videos in each of val and test, with both classes
+    of every label in each split."""
     sizes = [len(u) for u in units]
     total = sum(sizes)
-    held = max(4, round(0.15 * total))   # videos in each of val and test
+    held = max(4, round(eval_frac * total))   # videos in each of val and test
     unit_labels = [[set(labels_of(shots)) for shots, _ in u] for u in units]
     for _ in range(tries):
         order = rng.permutation(len(units))
@@ -224,12 +231,17 @@ def _has_both_classes(label_sets: list[set[str]]) -> bool:
 
 
 def write_dataset(folder: Path, videos: list[DemoVideo], size: tuple[int, int] = (112, 64),
-                  fps: float = 25) -> Path:
+                  fps: float = 25, labels: list[str] | tuple[str, ...] | None = None) -> Path:
     """Write the videos as ``<folder>/<name>.mp4`` (with audio) and ``<folder>/labels.csv``.
 
     A video whose file and recorded design (shots, size, fps, seed, in
-    ``<folder>/demo_videos.json``) are unchanged is not written again. The CSV has the
+    ``<folder>/demo_videos.json``) are unchanged is not written again; videos that file
+    records but ``videos`` lacks (an earlier, larger design) are deleted. The CSV has the
     columns ``video,labels,split`` that :func:`vtx.train.labels.load_labels` reads.
+
+    Args:
+        labels: The labels the CSV keeps [default: all of :data:`LABELS`]; a video left with
+            none gets an empty field (no class applies).
 
     Returns:
         The path of ``labels.csv``.
@@ -238,6 +250,10 @@ def write_dataset(folder: Path, videos: list[DemoVideo], size: tuple[int, int] =
     folder.mkdir(parents=True, exist_ok=True)
     manifest_path = folder / _MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    wanted = {f"{v.name}.mp4" for v in videos}
+    for stale in [name for name in manifest if name not in wanted]:  # of an earlier design
+        (folder / stale).unlink(missing_ok=True)
+        del manifest[stale]
     for video in videos:
         if not video.labels:
             raise ValueError(f"video {video.name} has no labels, which a vtx label CSV cannot "
@@ -253,11 +269,17 @@ def write_dataset(folder: Path, videos: list[DemoVideo], size: tuple[int, int] =
         write_video(path, video.shots, size=size, fps=fps, audio=True, seed=video.seed)
         manifest[path.name] = {"design": design, "bytes": path.stat().st_size}
         manifest_path.write_text(json.dumps(manifest, indent=1))
+    manifest_path.write_text(json.dumps(manifest, indent=1))
 
+    keep = LABELS if labels is None else list(labels)
+    unknown = sorted(set(keep) - set(LABELS))
+    if unknown:
+        raise ValueError(f"unknown demo labels {unknown}; the labels are {LABELS}")
     csv_path = folder / "labels.csv"
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["video", "labels", "split"])
         for video in videos:
-            writer.writerow([f"{video.name}.mp4", "|".join(video.labels), video.split])
+            writer.writerow([f"{video.name}.mp4",
+                             "|".join(n for n in video.labels if n in keep), video.split])
     return csv_path
