@@ -67,6 +67,7 @@ def check_extraction(work: Path) -> dict:
         t0 = time.perf_counter()
         s = extract(ExtractConfig(videos=videos, out=work / f"{device}.h5", features=FEATURES,
                                   weights="random", seed=0, device=device, dtype="float32",
+                                  precision="fp32" if device == "cpu" else "fp16",
                                   frames=FrameSampling(frame_rate=2.0), progress=False))
         out[f"{device}_seconds"] = round(time.perf_counter() - t0, 2)
         assert s.failed == 0, s.failures

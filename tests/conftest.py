@@ -124,3 +124,13 @@ def vtx_env() -> dict:
     env["https_proxy"] = env["HTTPS_PROXY"] = "http://127.0.0.1:9"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def copy_cache(src: Path, dst: Path) -> Path:
+    """Copy a cache as docs/FORMAT.md says: the index with its parts folder."""
+    import shutil
+    shutil.copyfile(src, dst)
+    parts = Path(str(src) + ".parts")
+    if parts.is_dir():
+        shutil.copytree(parts, Path(str(dst) + ".parts"), dirs_exist_ok=True)
+    return dst

@@ -23,7 +23,7 @@ def test_extract_help_documents_options_and_exit_codes():
                 "--min-shot-len", "--max-shot-len", "--weights", "--weights-dir", "--overwrite",
                 "--batch-size", "--workers", "--glob", "--dtype", "--json"):
         assert opt in r.output, opt
-    for code in ("0  every video", "2  bad usage", "3  some videos failed", "4  the output"):
+    for code in ("0  every video", "2  bad usage", "3  some videos failed", "4  --overwrite while"):
         assert code in r.output
 
 

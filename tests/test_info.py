@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import h5py
 import pytest
@@ -65,7 +66,9 @@ def test_cache_info_matches_the_file(cache):
         (failure,) = info["failures"]
         assert failure["path"] == "text.mp4"
         assert failure["reason"] == f["failures"]["text.mp4"].attrs["reason"]
-    assert info["file_bytes"] == cache.stat().st_size
+    parts = list(Path(str(cache) + ".parts").iterdir())
+    assert info["layout"] == "index" and info["parts"] == len(parts) and info["not_merged"] == 0
+    assert info["file_bytes"] == cache.stat().st_size + sum(p.stat().st_size for p in parts)
 
     text = CliRunner().invoke(cli, ["info", str(cache)]).stdout
     assert f"2 videos, {info['duration_s'] / 60:.1f} min of video, {info['shots']} shots" in text

@@ -51,13 +51,16 @@ def cache_info(path: str | os.PathLike) -> dict:
     """Summary of a feature cache.
 
     Returns:
-        ``{"kind": "cache", "path", "file_bytes", "vtx_version", "schema_version", "videos",
-        "duration_s", "shots", "sampled_frames", "shot_config", "frame_config", "features",
+        ``{"kind": "cache", "path", "file_bytes", "layout", "index_bytes", "parts",
+        "not_merged", "vtx_version", "schema_version", "videos", "duration_s", "shots", "sampled_frames", "shot_config", "frame_config", "features",
         "other_datasets", "failures"}``. ``features`` has one entry per feature: ``name``,
         ``identity`` (the root ``features`` attr), ``model``, ``level``, ``row_shape``,
         ``dtype``, ``videos`` (how many have it), ``rows``, ``bytes`` (HDF5 storage of all its
         datasets) and ``datasets``; ``other_datasets`` the same counts for the shot and frame
-        axes; ``failures`` ``{"path", "reason", "time"}`` per failed video.
+        axes; ``failures`` ``{"path", "reason", "time"}`` per failed video. ``layout`` is
+        ``index`` (``feats.h5`` links into ``parts`` part files; ``file_bytes`` counts the
+        index and those parts, ``not_merged`` the finished parts no merge linked yet) or
+        ``one file``.
     """
     from vtx.features import resolve
     from vtx.io.reader import CacheReader
@@ -115,14 +118,33 @@ def cache_info(path: str | os.PathLike) -> dict:
     other = [{"name": n, "level": s["level"], "row_shape": s["row_shape"], "videos": s["videos"],
               "rows": s["rows"], "bytes": s["bytes"]}
              for n, s in sorted(stats.items()) if n not in owned]
+    layout = _layout(path)
     return {
-        "kind": "cache", "path": str(path), "file_bytes": path.stat().st_size,
+        "kind": "cache", "path": str(path), **layout,
         "vtx_version": root.get("vtx_version"), "schema_version": root.get("schema_version"),
         "videos": n_videos, "duration_s": round(duration, 3), "shots": shots,
         "sampled_frames": frames, "shot_config": _json_or_none(shot_config),
         "frame_config": _json_or_none(frame_config), "features": features,
         "other_datasets": other, "failures": failures,
     }
+
+
+def _layout(path: Path) -> dict:
+    """``file_bytes``, ``layout``, ``index_bytes``, ``parts`` and ``not_merged`` of a cache."""
+    import h5py
+
+    from vtx.io import index
+
+    with h5py.File(path, "r") as f:
+        videos, failures = index.read_index(f, records=False)
+    files = {e.file for e in (*videos.values(), *failures.values()) if e.file}
+    parts = path.with_name(path.name + ".parts")
+    linked = sum((parts / n).stat().st_size for n in files if (parts / n).exists())
+    waiting = [p for p in parts.glob("*.h5") if p.name not in files
+               and not p.name.startswith("base-")] if parts.is_dir() else []
+    size = path.stat().st_size
+    return {"file_bytes": size + linked, "layout": "index" if files else "one file",
+            "index_bytes": size, "parts": len(files), "not_merged": len(waiting)}
 
 
 def _json_or_none(text: str | None):
@@ -231,6 +253,10 @@ def _format_cache(c: dict) -> str:
              + (f", {c['sampled_frames']} sampled frames" if c["sampled_frames"] else "")
              + f"; {len(c['failures'])} failed; {_bytes(c['file_bytes'])} "
              f"(vtx {c['vtx_version']}, schema {c['schema_version']})",
+             (f"layout: index of {c['parts']} part file(s) ({_bytes(c['index_bytes'])} index)"
+              if c["layout"] == "index" else "layout: one file")
+             + (f"; {c['not_merged']} finished part(s) not merged yet (vtx merge)"
+                if c["not_merged"] else ""),
              f"shots: {_config_text(c['shot_config'])}"]
     if c["frame_config"] is not None:
         lines.append(f"frames: {_config_text(c['frame_config'])}")

@@ -22,7 +22,7 @@ Exit codes:
      with other settings, a read-only --out that must be written
   3  some videos failed (each is listed on stderr and under /failures
      in the cache); all others were extracted
-  4  the output cache is in use by another vtx process
+  4  --overwrite while other vtx processes extract into the cache
   5  disk full: the message names the path and the space needed; the
      cache is untouched and finished videos are kept for the rerun
   6  the cache is damaged (vtx check --repair removes damaged videos)"""
@@ -35,6 +35,14 @@ Exit codes:
   5  --repair: disk full (the cache is untouched)
   6  damaged videos found (without --repair), or the cache cannot be
      repaired"""
+
+
+MAINTENANCE_EXIT_CODES = """\b
+Exit codes:
+  0  done
+  2  bad usage: no such cache, read-only folder
+  5  disk full (the cache is untouched)
+  6  the cache (or a finished part) is damaged"""
 
 
 def _fail(e: VtxError) -> None:
@@ -72,6 +80,10 @@ def cli() -> None:
 
 
 QUIET_HELP = "No progress on stderr (errors, warnings and the result still print)."
+PRECISION_HELP = ("Model precision: auto (fp16 on CUDA; bf16 on a CPU with AVX512_BF16 or "
+                  "AMX, else fp32), fp32, bf16 (CPU with native bf16, or CUDA) or fp16 (CUDA "
+                  "only). Features agree with fp32 to a centred cosine >= 0.99; each dataset "
+                  "records its precision (docs/FORMAT.md).")
 
 
 @cli.command(epilog=EXIT_CODES)
@@ -92,6 +104,8 @@ QUIET_HELP = "No progress on stderr (errors, warnings and the result still print
                    "clips; tv:r3d_18@shot:8 for 8). `vtx features` lists them all.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (CUDA when available), cpu, cuda or cuda:N.")
+@click.option("--precision", default="auto", show_default=True,
+              type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help=PRECISION_HELP)
 @click.option("--detector", default="content", show_default=True,
               type=click.Choice(["content", "adaptive", "threshold", "histogram", "hash"]),
               help="PySceneDetect detector used to cut shots.")
@@ -138,18 +152,47 @@ QUIET_HELP = "No progress on stderr (errors, warnings and the result still print
                    "video files given or listed are taken whatever their extension.")
 @click.option("--dtype", default="float16", show_default=True,
               type=click.Choice(["float16", "float32"]), help="Storage type of features.")
+@click.option("--shard", default=None, metavar="K/N|auto",
+              help="Extract only shard K of N (0-based), picked by a hash of each video's "
+                   "relative path: stable whatever the listing order. For Slurm arrays: "
+                   "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; auto: torchrun's "
+                   "RANK/WORLD_SIZE, and LOCAL_RANK picks cuda:N.")
+@click.option("--merge/--no-merge", "merge", default=True, show_default=True,
+              help="Link finished videos into the cache's index at the start and end of the "
+                   "run. With --no-merge they wait in feats.h5.parts/ until `vtx merge`.")
+@click.option("--lease", "lease_s", type=float, default=600.0, show_default=True,
+              help="Seconds after which a claim on a video whose worker stopped refreshing it "
+                   "(a lost machine) is taken over.")
+@click.option("--engine", default="local", show_default=True,
+              type=click.Choice(["local", "ray"]),
+              help="local: this process; ray: workers (actors) on a Ray cluster, each loading "
+                   "the models once (pip install 'vtx[ray]').")
+@click.option("--address", default=None,
+              help="--engine ray: the cluster (auto, ray://HOST:PORT) [default: a local Ray "
+                   "instance on 127.0.0.1].")
+@click.option("--ray-workers", type=int, default=None,
+              help="--engine ray: workers to start [default: as many as the cluster's CPUs "
+                   "(GPUs) allow for --cpus-per-worker (--gpus-per-worker)]; each decodes one "
+                   "video at a time (--workers applies to local runs).")
+@click.option("--cpus-per-worker", type=float, default=1.0, show_default=True,
+              help="--engine ray: CPUs each worker reserves (also its torch threads).")
+@click.option("--gpus-per-worker", type=float, default=0.0, show_default=True,
+              help="--engine ray: GPUs each worker reserves (0: CPU workers).")
 @click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
 @click.option("--progress/--no-progress", default=True, hidden=True,
               help="Old spelling: --no-progress is --quiet.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-def extract(videos, out, features, device, detector, threshold, min_shot_len, max_shot_len,
-            frame_rate, frames_per_video, vit_weights, vggish_pca, motion_grid, residual_size,
-            gop_normalise, full_frame_grids, weights, weights_dir, overwrite, batch_size, workers,
-            globs, dtype, quiet, progress, as_json) -> None:
+def extract(videos, out, features, device, precision, detector, threshold, min_shot_len,
+            max_shot_len, frame_rate, frames_per_video, vit_weights, vggish_pca, motion_grid,
+            residual_size, gop_normalise, full_frame_grids, weights, weights_dir, overwrite,
+            batch_size, workers, globs, dtype, shard, merge, lease_s, engine, address, ray_workers,
+            cpus_per_worker, gpus_per_worker, quiet, progress, as_json) -> None:
     """Decode each video once, cut it into shots and cache per-shot features in HDF5.
 
     Rerunning the same command resumes: finished videos are skipped, and only missing
-    features are computed. Every dataset carries a Fletcher-32 checksum (verify a cache with
+    features are computed. Any number of extract processes (or --shard K/N workers, or
+    --engine ray) may write one cache at once: each video is claimed by one of them, and
+    merges only link the new parts into the index (see docs/FORMAT.md). Every dataset carries a Fletcher-32 checksum (verify a cache with
     `vtx check`). A full disk stops the run with exit code 5 and loses nothing finished; a
     read-only cache with nothing to do exits 0. See docs/FORMAT.md for the cache layout.
 
@@ -163,6 +206,7 @@ def extract(videos, out, features, device, detector, threshold, min_shot_len, ma
     try:
         config = ExtractConfig(
             videos=tuple(videos), out=out, features=parse_features(features), device=device,
+            precision=precision,
             shots=ShotConfig(detector=detector, threshold=threshold, min_shot_len=min_shot_len,
                              max_shot_len=max_shot_len),
             frames=FrameSampling(frame_rate=frame_rate, frames_per_video=frames_per_video),
@@ -170,7 +214,9 @@ def extract(videos, out, features, device, detector, threshold, min_shot_len, ma
             residual_size=residual_size, gop_normalise=gop_normalise,
             full_frame_grids=full_frame_grids, weights=weights, weights_dir=weights_dir, overwrite=overwrite,
             batch_size=batch_size, workers=workers, globs=tuple(globs), dtype=dtype,
-            progress=progress and not quiet,
+            progress=progress and not quiet, shard=shard, merge=merge, lease_s=lease_s,
+            engine=engine, address=address, ray_workers=ray_workers,
+            cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
         )
         summary = run_extract(config)
     except VtxError as e:
@@ -256,6 +302,8 @@ Exit codes:
 @click.option("--model", required=True, type=click.Path(path_type=Path),
               help="A checkpoint written by vtx train-head (runs/NAME/best.pt).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--precision", default="auto", show_default=True,
+              type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help=PRECISION_HELP)
 @click.option("--top-k", default=5, show_default=True, help="Labels to print per video.")
 @click.option("--explain", type=click.Path(path_type=Path), default=None,
               help="Write a PNG: shot thumbnails with the CLS attention each received, and the "
@@ -264,13 +312,14 @@ Exit codes:
               help="Folder with the official backbone weights [default: torch hub cache].")
 @click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per video.")
-def predict(videos, model, device, top_k, explain, weights_dir, quiet, as_json) -> None:
+def predict(videos, model, device, precision, top_k, explain, weights_dir, quiet, as_json) -> None:
     """Print the top labels of each VIDEO, extracting the features the model needs on the fly
     (same stage-1 code, no cache file)."""
     from vtx.train.predict import PredictConfig, format_predictions, predict as run_predict
 
     try:
         preds = run_predict(PredictConfig(videos=tuple(videos), model=model, device=device,
+                                          precision=precision,
                                           top_k=top_k, explain=explain,
                                           weights_dir=weights_dir, progress=not quiet))
     except VtxError as e:
@@ -284,6 +333,49 @@ def predict(videos, model, device, top_k, explain, weights_dir, quiet, as_json) 
         if p.error:
             click.echo(f"vtx: failed: {p.video}: {p.error}", err=True)
     sys.exit(3 if any(p.error for p in preds) else 0)
+
+
+@cli.command(epilog=MAINTENANCE_EXIT_CODES)
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def merge(cache, as_json) -> None:
+    """Link every finished video in CACHE.parts/ into the index CACHE (after workers ran with
+    --no-merge, or were killed), and delete the unfinished parts of workers that died.
+
+    Safe while workers are still extracting: a merge in progress elsewhere is waited for, and
+    parts finished later are merged by the next merge. Copies no feature data: the cost grows
+    with the number of videos linked, not with their bytes.
+    """
+    from vtx.io.cache import merge_cache
+
+    try:
+        report = merge_cache(cache)
+    except VtxError as e:
+        _fail(e)
+    click.echo(json.dumps(report.to_dict()) if as_json else report.line())
+
+
+@cli.command(epilog=MAINTENANCE_EXIT_CODES)
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Write the self-contained file here and leave CACHE as it is [default: "
+                   "replace CACHE and delete the parts it folded].")
+@click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def compact(cache, out, quiet, as_json) -> None:
+    """Fold CACHE's index and every part it links into one self-contained HDF5 file, e.g. to
+    copy or publish it as a single file (docs/FORMAT.md, "Copying or moving a cache").
+
+    Finished parts are merged first. Reads and writes every byte of the cache once; later
+    extracts into a compacted cache add parts again as usual.
+    """
+    from vtx.io.cache import compact_cache
+
+    try:
+        report = compact_cache(cache, out, progress=not quiet)
+    except VtxError as e:
+        _fail(e)
+    click.echo(json.dumps(report.to_dict()) if as_json else report.line())
 
 
 @cli.command(epilog=CHECK_EXIT_CODES)

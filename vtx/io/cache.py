@@ -1,17 +1,23 @@
 """The HDF5 feature cache: the contract between stage 1 and stage 2 (see docs/FORMAT.md).
 
-Crash safety. The cache file ``feats.h5`` is never modified in place, so ``kill -9`` at any moment
-cannot corrupt it:
+Layout. ``feats.h5`` is an index of external links into immutable part files in
+``feats.h5.parts/``, one per finished video (:mod:`vtx.io.index`); plain h5py reads it as one
+file. A merge writes a new index (old links plus the new parts') and atomically replaces the old
+one, so its cost does not depend on the bytes already cached.
 
-1. Each finished video (and each failure record) is written to its own small HDF5 *shard* under
-   ``feats.h5.parts/``: first to a ``.tmp`` name, then fsynced and atomically renamed. A shard
-   therefore exists only once all of the video's requested features are in it.
-2. At the end of a run (and at the start of the next one, for shards a killed run left behind),
-   shards are merged into a copy of ``feats.h5`` which then atomically replaces it.
+Crash safety. Nothing is modified in place, so ``kill -9`` at any moment cannot corrupt the cache:
+
+1. Each finished video (and each failure record) is written to its own part file: first to a
+   ``.tmp`` name, then fsynced and atomically renamed. A part therefore exists only once all of
+   the video's requested features are in it.
+2. At the start and end of a run (and with ``vtx merge``), finished parts are linked into a new
+   index which then atomically replaces ``feats.h5``; parts no longer linked (older versions)
+   are deleted afterwards.
 
 A rerun skips videos that are already complete, merges what a killed run finished, and computes
-only what is missing. An exclusive lock (``feats.h5.lock``, released by the OS when the process
-dies) stops two processes from writing the same cache.
+only what is missing. Any number of writers may share a cache: ``vtx extract`` claims each video
+before computing it (:mod:`vtx.io.claims`), and merges are serialised by ``feats.h5.lock``
+(:class:`CacheLock`), held only while merging.
 
 Integrity. Every dataset is written with HDF5's Fletcher-32 chunk checksum (:func:`write_dataset`),
 so a changed byte in stored data fails the read (:class:`vtx.errors.CacheDamaged`) rather than
@@ -43,7 +49,6 @@ import os
 import shutil
 import signal
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +57,8 @@ import numpy as np
 
 from vtx import SCHEMA_VERSION, __version__
 from vtx.errors import CacheDamaged, CacheInUse, CacheMismatch, DiskFull, ReadOnly, UsageError
+from vtx.io import index
+from vtx.io.claims import claim_name
 from vtx.io.reader import DAMAGE_ERRORS, damage_reason, guard, key_path
 from vtx.io.space import (create_reserved, free_bytes, fsync_dir, fsync_file, human,
                           is_disk_full, is_read_only, reserve, writable_reason)
@@ -121,18 +128,24 @@ def part_bytes(datasets: dict[str, tuple], attrs: dict | None = None) -> int:
 
 
 class CacheLock:
-    """The exclusive lock of a cache (``feats.h5.lock``), held until :meth:`release` or the
-    process ends (the OS drops it then).
+    """The lock of a cache (``feats.h5.lock``), held until :meth:`release` or the process ends
+    (the OS drops it then). Merges, ``--overwrite``, ``vtx compact`` and ``vtx check --repair``
+    take it; extracting workers do not (they claim videos, :mod:`vtx.io.claims`).
+
+    Args:
+        cache_path: the cache file.
+        wait: wait for the lock (a merge waits for another one to finish); otherwise raise
+            :class:`~vtx.errors.CacheInUse` at once.
 
     Raises:
-        CacheInUse: another process holds it.
+        CacheInUse: another process holds it and ``wait`` is false.
         OSError: the lock file cannot be created (a read-only folder).
     """
 
-    def __init__(self, cache_path: str | os.PathLike):
+    def __init__(self, cache_path: str | os.PathLike, wait: bool = False):
         cache_path = Path(cache_path)
         self.path = cache_path.with_name(cache_path.name + ".lock")
-        self._fh = _acquire_lock(self.path, cache_path)
+        self._fh = _acquire_lock(self.path, cache_path, wait)
 
     def release(self) -> None:
         if self._fh.closed:
@@ -149,22 +162,34 @@ class CacheLock:
 
 
 class CacheWriter:
-    """Writes videos into a cache file crash-safely. Use as a context manager.
+    """Writes videos into a cache crash-safely; any number of writers may share one cache.
+    Use as a context manager.
+
+    Each finished video becomes a part file (:meth:`write_video`); :meth:`merge` links the
+    finished parts into the index ``feats.h5`` (:mod:`vtx.io.index`). Writers on one cache
+    must not compute the same video at once: ``vtx extract`` claims each video first
+    (:mod:`vtx.io.claims`).
 
     A cache in a folder that cannot be written opens read-only (:attr:`read_only` says why):
     reading works, and the first write needed raises :class:`vtx.errors.ReadOnly`.
 
     Args:
         path: the cache file (``feats.h5``).
-        overwrite: start from an empty cache, discarding the existing file and shards.
+        overwrite: start from an empty cache, discarding the existing index and parts.
+        merge: merge finished parts when opening and closing (``--no-merge``: never; ``vtx
+            merge`` does it later).
+        claims: the claims folder (``feats.h5.claims``); with ``overwrite``, a live claim in
+            it (another worker computing a video) refuses the overwrite.
 
     Raises:
-        DiskFull: merging shards left by a killed run needs more space than is free.
+        CacheInUse: ``overwrite`` while other workers write the cache.
+        DiskFull: merging parts left by a killed run needs more space than is free.
         ReadOnly: the folder is read-only and the cache must be created, overwritten or merged.
         CacheDamaged: the existing cache cannot be read.
     """
 
-    def __init__(self, path: str | os.PathLike, overwrite: bool = False):
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False, merge: bool = True,
+                 claims: Path | None = None):
         self.path = Path(path)
         if self.path.exists() and self.path.is_dir():
             raise UsageError(f"--out {self.path} is a directory; give a file name such as "
@@ -174,36 +199,27 @@ class CacheWriter:
         self._root: dict[str, str] = {}
         self._merged_root: dict[str, str] | None = None
         self._parts_started = 0
-        self._lock: CacheLock | None = None
+        self._merge_on_close = merge
         self._closed = False
         #: Why the cache cannot be written (None when it can).
         self.read_only: str | None = writable_reason(self.path.parent)
         if self.read_only is None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._lock = CacheLock(self.path)
+                if overwrite:
+                    self._overwrite(claims)
+                self.parts.mkdir(exist_ok=True)
             except OSError as e:
                 if not is_read_only(e):
                     raise
                 self.read_only = f"{self.path.parent} cannot be written ({e.strerror or e})"
-        try:
-            if self.read_only is not None:
-                self._open_read_only(overwrite)
-                return
-            if overwrite:
-                shutil.rmtree(self.parts, ignore_errors=True)
-                self.path.unlink(missing_ok=True)
-            self._merge_tmp.unlink(missing_ok=True)  # left by a run killed while merging
-            self.path.with_name(self.path.name + ".repair-tmp").unlink(missing_ok=True)
-            self.parts.mkdir(exist_ok=True)
-            for tmp in self.parts.glob("*.tmp"):  # shards a killed run had not finished
-                tmp.unlink()
-            if self.path.exists():
-                self._check_readable()
+        if self.read_only is not None:
+            self._open_read_only(overwrite)
+            return
+        if self.path.exists():
+            self._check_readable()
+        if merge:
             self.merge()
-        except BaseException:
-            self.abandon()
-            raise
 
     def __enter__(self) -> "CacheWriter":
         return self
@@ -215,27 +231,37 @@ class CacheWriter:
             self.close()
 
     def close(self) -> None:
-        """Merge the finished parts into the cache and release it."""
+        """Merge the finished parts into the cache (unless ``merge=False``)."""
         if self._closed:
             return
         try:
             if self.read_only is None:
-                self.merge(create=True)
-                try:
-                    self.parts.rmdir()  # only when empty: every shard was merged
-                except OSError:
-                    pass
+                if self._merge_on_close:
+                    self.merge(create=True)
             elif self._root_changed():
                 self.require_writable("the cache's settings (its root attributes) changed")
         finally:
             self.abandon()
 
     def abandon(self) -> None:
-        """Release the cache without merging, as a process that dies does: the finished parts
-        stay in ``feats.h5.parts/`` and the next writer merges them."""
+        """Stop without merging, as a process that dies does: the finished parts stay in
+        ``feats.h5.parts/`` and the next merge links them."""
         self._closed = True
-        if self._lock is not None:
-            self._lock.release()
+
+    def _overwrite(self, claims: Path | None) -> None:
+        """``--overwrite``: remove the index, the parts and dead claims, under the lock."""
+        with CacheLock(self.path):
+            if claims is not None and claims.is_dir():
+                from vtx.io.claims import live_claims
+                live = live_claims(claims)
+                if live:
+                    raise CacheInUse(
+                        f"--overwrite would delete {self.path}, but other vtx processes are "
+                        f"extracting {len(live)} video(s) into it now (claims in {claims}/). "
+                        f"Wait for them to finish or stop them, or write to another --out")
+                shutil.rmtree(claims, ignore_errors=True)
+            shutil.rmtree(self.parts, ignore_errors=True)
+            self.path.unlink(missing_ok=True)
 
     def require_writable(self, what: str) -> None:
         """Raise :class:`vtx.errors.ReadOnly` when the cache is read-only.
@@ -244,8 +270,9 @@ class CacheWriter:
             what: what must be written, in words (``3 videos need extracting``).
         """
         if self.read_only is not None:
-            fix = (f"copy {self.path.name} to a writable folder and pass the copy as --out"
-                   if self.path.exists() else "pass an --out in a writable folder")
+            fix = (f"copy {self.path.name} (with {self.parts.name}/) to a writable folder and "
+                   f"pass the copy as --out" if self.path.exists() else
+                   "pass an --out in a writable folder")
             raise ReadOnly(f"{what}, so {self.path} must be written, but {self.read_only}. "
                            f"Make that folder writable, or {fix}")
 
@@ -254,10 +281,11 @@ class CacheWriter:
             self.require_writable("--overwrite replaces the cache")
         if not self.path.exists():
             self.require_writable("the cache does not exist yet")
-        shards = list(self.parts.glob("*.h5")) if self.parts.is_dir() else []
-        if shards:
-            self.require_writable(f"{len(shards)} finished video(s) in {self.parts}/ wait to "
-                                  f"be merged")
+        if self._merge_on_close:
+            pending = self.pending_parts()
+            if pending:
+                self.require_writable(f"{len(pending)} finished video(s) in {self.parts}/ "
+                                      f"wait to be merged")
         self._check_readable()
 
     def _check_readable(self) -> None:
@@ -278,65 +306,164 @@ class CacheWriter:
             return {}
         with h5py.File(self.path, "r") as f, \
                 guard(self.path, where="the root attributes (the cache's settings)"):
-            return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()
+                    if k != index.LAYOUT_ATTR}
 
-    def records(self) -> dict[str, VideoRecord]:
-        """Videos already complete in the cache, by key."""
-        out: dict[str, VideoRecord] = {}
+    def _index_entries(self, records: bool = True
+                       ) -> tuple[dict[str, index.Entry], dict[str, index.Entry]]:
+        """The index's video and failure entries (empty when there is no cache yet); with
+        ``records`` false the videos' records are not parsed."""
         if not self.path.exists():
-            return out
-        with h5py.File(self.path, "r") as f:
-            with guard(self.path, where=f"the /{VIDEOS} group"):
-                videos = f.get(VIDEOS)
-                keys = list(videos) if videos is not None else []
-            for key in keys:
-                with guard(self.path, key):
-                    g = videos[key]
-                    names = list(g)
-                    path = str(g.attrs.get("path", ""))
-                    size = int(g.attrs.get("size_bytes", -1))
-                feats = set()
-                for name in names:
-                    with guard(self.path, key, name):
-                        if "model" in g[name].attrs:
-                            feats.add(name)
-                out[key] = VideoRecord(key=key, path=path, size_bytes=size, features=feats,
-                                       datasets=set(names))
+            return {}, {}
+        with h5py.File(self.path, "r") as f, guard(self.path, where=f"the /{VIDEOS} group"):
+            return index.read_index(f, records)
+
+    def pending_parts(self, entries: tuple[dict, dict] | None = None) -> list[Path]:
+        """Finished parts that no index links yet, oldest first (older versions that a merge
+        replaced but a killed merge did not delete are included; the merge sorts them out).
+
+        Args:
+            entries: the index's entries when already read (:meth:`_index_entries`).
+        """
+        if not self.parts.is_dir():
+            return []
+        linked: set[str] = set()
+        if entries is not None or self.path.exists():
+            videos, failures = (entries if entries is not None else
+                                self._index_entries(records=False))
+            linked = {e.file for e in (*videos.values(), *failures.values()) if e.file}
+        with os.scandir(self.parts) as it:  # names only: cheap with many parts
+            names = [e.name for e in it if e.name.endswith(".h5") and e.name not in linked
+                     and not e.name.startswith("base-")]
+        return [self.parts / n for n in sorted(names, key=lambda n: (index.part_time(n), n))]
+
+    def versions(self) -> dict[str, index.Entry]:
+        """The newest version of every video: key -> entry with its record (from the index's
+        catalog, or read from the part), over the index and the parts not merged yet."""
+        videos, _ = self._index_entries()
+        out = {}
+        for key, e in videos.items():
+            if e.record is None:
+                e = index.Entry(e.file, e.obj, e.time, self._read_record(key, e))
+            out[key] = e
+        for part in self.pending_parts():
+            t = index.part_time(part.name)
+            try:
+                with h5py.File(part, "r") as s:
+                    kind, key = str(s.attrs["kind"]), str(s.attrs["key"])
+                    if kind != "video" or (key in out and out[key].time > t):
+                        continue
+                    record = index.group_record(s["video"])
+            except DAMAGE_ERRORS:
+                continue  # the merge reports it
+            out[key] = index.Entry(part.name, "/video", t, record)
         return out
 
+    def _file(self, e: index.Entry) -> Path:
+        return self.path if e.file is None else self.parts / e.file
+
+    def _read_record(self, key: str, e: index.Entry) -> dict:
+        with h5py.File(self._file(e), "r") as f, guard(self.path, key):
+            return index.group_record(f[e.obj])
+
+    def records(self) -> dict[str, VideoRecord]:
+        """Videos already complete in the cache (or in parts not merged yet), by key."""
+        return {key: VideoRecord(key=key, path=r["path"], size_bytes=r["size_bytes"],
+                                 features=set(r["features"]), datasets=set(r["datasets"]))
+                for key, e in self.versions().items() for r in [e.record]}
+
     def read_dataset(self, key: str, name: str) -> np.ndarray:
-        with h5py.File(self.path, "r") as f, guard(self.path, key, name):
-            return f[VIDEOS][key][name][()]
+        e = self.version(key)
+        if e is None:
+            raise KeyError(f"{key_path(key)!r} is not in {self.path}")
+        with h5py.File(self._file(e), "r") as f, guard(self.path, key, name):
+            return f[e.obj][name][()]
+
+    def versions_of(self, key: str) -> index.Entry | None:
+        """:meth:`version` of one video with its record."""
+        e = self.version(key)
+        return None if e is None else index.Entry(e.file, e.obj, e.time,
+                                                  self._read_record(key, e))
+
+    def version(self, key: str) -> index.Entry | None:
+        """The newest version of one video (index or finished part), without its record;
+        None when the cache does not hold it. Reads only that video's entries."""
+        best = None
+        if self.path.exists():
+            with h5py.File(self.path, "r") as f, guard(self.path, key):
+                g = f.get(VIDEOS)
+                if g is not None and key in g:
+                    link = g.get(key, getlink=True)
+                    if isinstance(link, h5py.ExternalLink):
+                        name = link.filename.split("/", 1)[-1]
+                        best = index.Entry(name, link.path, index.part_time(name))
+                    else:
+                        best = index.Entry(None, f"/{VIDEOS}/{key}", 0)
+        for part in self.parts.glob(f"{claim_name(key)}-*.h5"):
+            t = index.part_time(part.name)
+            if best is not None and best.time >= t:
+                continue
+            try:
+                with h5py.File(part, "r") as s:
+                    if str(s.attrs["kind"]) != "video" or str(s.attrs["key"]) != key:
+                        continue
+            except DAMAGE_ERRORS:
+                continue
+            best = index.Entry(part.name, "/video", t)
+        return best
 
     def set_root_attrs(self, **attrs: str) -> None:
-        """Root attrs written at the next merge (and carried by every shard until then)."""
+        """Root attrs written at the next merge (and carried by every part until then)."""
         self._root.update(attrs)
 
-    # ----------------------------------------------------------------- writing shards
+    # ----------------------------------------------------------------- writing parts
     def write_video(self, key: str, attrs: dict, datasets: dict[str, tuple], replace: bool
-                    ) -> None:
-        """Persist one finished video atomically.
+                    ) -> bool:
+        """Persist one finished video atomically, as a part file holding the whole video.
 
         Args:
             key: the group name under ``/videos``.
             attrs: the video group's attrs.
             datasets: name -> (array, attrs) or (array, attrs, rows per chunk).
             replace: drop what the cache holds for this video first (the file changed);
-                otherwise the datasets are added to the existing group.
+                otherwise the part holds the cached datasets (copied from the video's newest
+                version; only this video's bytes are read) plus ``datasets``.
+
+        Returns:
+            False when ``replace`` is false and the video is no longer in the cache (``vtx
+            check --repair`` removed it meanwhile): nothing is written, and the next run
+            extracts the whole video again.
 
         Raises:
-            DiskFull: the shard does not fit (nothing of it is left behind).
+            DiskFull: the part does not fit (nothing of it is left behind).
             ReadOnly: the cache is read-only.
         """
+        base = None
+        need = part_bytes(datasets, attrs)
+        if not replace:
+            base = self.version(key)
+            if base is None:
+                return False
+            need += _group_bytes(self._file(base), base.obj)
+
         def fill(f: h5py.File) -> None:
-            g = f.create_group("video")
+            if base is not None:
+                with h5py.File(self._file(base), "r") as src, guard(self.path, key):
+                    src.copy(src[base.obj], f, name="video")
+                g = f["video"]
+                for name in datasets:
+                    if name in g:
+                        del g[name]
+            else:
+                g = f.create_group("video")
             for k, v in attrs.items():
                 g.attrs[k] = v
             for i, (name, (data, dattrs, *rows)) in enumerate(datasets.items()):
                 write_dataset(g, name, data, dattrs, rows[0] if rows else None)
                 if i == 0:
                     self._test_kill_point(f)
-        self._write_shard("video", key, replace, fill, part_bytes(datasets, attrs))
+        self._write_part("video", key, fill, need)
+        return True
 
     def write_failure(self, key: str, path: str, reason: str) -> None:
         def fill(f: h5py.File) -> None:
@@ -344,19 +471,19 @@ class CacheWriter:
             g.attrs["path"] = path
             g.attrs["reason"] = reason
             g.attrs["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self._write_shard("failure", key, False, fill, part_bytes({}, {"r": reason}))
+        self._write_part("failure", key, fill, part_bytes({}, {"r": reason}))
 
-    def _write_shard(self, kind: str, key: str, replace: bool, fill, need: int) -> None:
+    def _write_part(self, kind: str, key: str, fill, need: int) -> None:
         what = f"the {'features' if kind == 'video' else 'failure record'} of {key_path(key)!r}"
         self.require_writable(f"{what} must be stored")
-        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        name = index.part_name(claim_name(key))
         tmp = self.parts / f"{name}.tmp"
         self._parts_started += 1
         free = free_bytes(self.parts)
         if free < need:
             raise DiskFull(self._part_full(what, need, free))
         try:
-            create_reserved(tmp, need, {"kind": kind, "key": key, "replace": bool(replace),
+            create_reserved(tmp, need, {"kind": kind, "key": key,
                                         "root": json.dumps(self._root)})
             with h5py.File(tmp, "r+") as f:
                 fill(f)
@@ -372,8 +499,14 @@ class CacheWriter:
                 self.require_writable(f"{what} must be stored")
             raise
 
+    def remove_stale_tmp(self, key: str) -> None:
+        """Delete the unfinished part files of video ``key`` that a killed worker left (call
+        while holding the video's claim: nobody else writes them then)."""
+        for tmp in self.parts.glob(f"{claim_name(key)}-*.tmp"):
+            tmp.unlink(missing_ok=True)
+
     def _part_full(self, what: str, need: int, free: int) -> str:
-        n = len(list(self.parts.glob("*.h5")))
+        n = len(self.pending_parts())
         kept = (f", and the {n} video(s) finished so far are kept in {self.parts}/ for the next "
                 f"run to merge" if n else "")
         return (f"no space left on the device of {self.parts}: writing {what} needs about "
@@ -394,124 +527,144 @@ class CacheWriter:
 
     # ----------------------------------------------------------------- merging
     def merge(self, create: bool = False) -> int:
-        """Fold finished shards into the cache file atomically. Returns how many were merged.
+        """Link the finished parts into the index atomically; returns how many were merged.
 
-        The new file is a copy of the cache plus the shards; the free space for it is checked
-        (and reserved) before anything is written.
+        Under the cache's lock (a second merge waits). The new index holds the old links plus
+        the new parts' (no feature data is read or copied); it replaces the old index with one
+        rename, and the parts it no longer links (older versions) are deleted afterwards.
 
         Raises:
-            DiskFull: the copy does not fit; the cache and the shards are untouched.
+            DiskFull: the new index does not fit; the cache and the parts are untouched.
             ReadOnly: the cache is read-only.
-            CacheDamaged: the cache (or a shard) cannot be read.
+            CacheDamaged: the cache (or a part) cannot be read.
         """
-        shards = sorted(self.parts.glob("*.h5")) if self.parts.is_dir() else []
+        if self.read_only is not None:
+            pending = self.pending_parts()
+            if not pending and (self.path.exists() or not create) and not self._root_changed():
+                return 0
+        self.require_writable("finished videos must be merged")
+        with CacheLock(self.path, wait=True):
+            return self._merge_locked(create)
+
+    def _merge_locked(self, create: bool) -> int:
+        self._merge_tmp.unlink(missing_ok=True)  # left by a merge that was killed
+        self.parts.mkdir(exist_ok=True)
         exists = self.path.exists()
-        if not shards and (exists or not create) and not self._root_changed():
+        root: dict[str, str] = {}
+        videos: dict[str, index.Entry] = {}
+        failures: dict[str, index.Entry] = {}
+        renamed = False
+        if exists:
+            with h5py.File(self.path, "r") as f:
+                with guard(self.path, where="the root attributes (the cache's settings)"):
+                    root = {k: _plain(v) for k, v in f.attrs.items()}
+                with guard(self.path, where=f"the /{VIDEOS} group"):
+                    videos, failures = index.read_index(f, records=False)
+                    renamed = bool(index.link_folders(f) - {self.parts.name})
+        pending = self.pending_parts((videos, failures))
+        if not pending and (exists or not create) and not self._root_changed(root) \
+                and not renamed:
             return 0
-        self.require_writable(f"{len(shards)} finished video(s) must be merged" if shards else
-                              "the cache's settings (its root attributes) changed")
-        cache_bytes = self.path.stat().st_size if exists else 0
-        shard_bytes = sum(s.stat().st_size for s in shards)
-        extra = shard_bytes + shard_bytes // 4 + cache_bytes // 100 + (1 << 20)
+        base = None
+        if exists:
+            if any(e.file is None for e in (*videos.values(), *failures.values())):
+                base = index.link_base(self.path, self.parts)  # a self-contained cache
+                videos = {k: index.Entry(base, e.obj, 0, self._read_record(k, e))
+                          if e.file is None else e for k, e in videos.items()}
+                failures = {k: index.Entry(base, e.obj, 0) if e.file is None else e
+                            for k, e in failures.items()}
+        before = {e.file for e in (*videos.values(), *failures.values())}
+        old = None
+        if exists and all(e.cataloged for e in (*videos.values(), *failures.values())):
+            old = (dict(videos), dict(failures))  # an index read from its catalog: patchable
+        for part in pending:
+            self._fold_part(part, root, videos, failures)
+        _merge_root(root, self._root)
+        root["vtx_version"] = __version__
+        root["schema_version"] = SCHEMA_VERSION
+        n = len(videos) + len(failures)
+        need = index.index_bytes(n) + 4 * sum(len(str(v)) for v in root.values())
+        if exists:
+            need += self.path.stat().st_size  # a patched copy starts as the whole index
         free = free_bytes(self.path.parent)
-        if free < cache_bytes + extra:
-            raise DiskFull(self._merge_full(len(shards), cache_bytes, extra, free))
+        if free < need:
+            self._drop_base(base)
+            raise DiskFull(self._merge_full(len(pending), need, free))
+        patch = (exists and base is None and not renamed and old is not None
+                 and index.patchable(self.path, n))
         try:
-            if exists:
+            if patch:  # a byte copy of the index, with only the changed links redone
                 shutil.copyfile(self.path, self._merge_tmp)
-                reserve(self._merge_tmp, cache_bytes + extra)
+                reserve(self._merge_tmp, need)
             else:
-                create_reserved(self._merge_tmp, extra)
-            with h5py.File(self._merge_tmp, "r+") as f:
-                self._fold(f, shards)
+                create_reserved(self._merge_tmp, need)
+            index.write_index(self._merge_tmp, self.parts.name, root, videos, failures,
+                              old=old if patch else None)
             fsync_file(self._merge_tmp)
             os.replace(self._merge_tmp, self.path)
             fsync_dir(self.path.parent)
         except BaseException as e:
             self._merge_tmp.unlink(missing_ok=True)
+            self._drop_base(base)
             if is_disk_full(e):
-                raise DiskFull(self._merge_full(len(shards), cache_bytes, extra,
+                raise DiskFull(self._merge_full(len(pending), need,
                                                 free_bytes(self.path.parent))) from e
             raise
-        for shard in shards:
-            shard.unlink()
+        linked = {e.file for e in (*videos.values(), *failures.values())}
+        for name in (before | {p.name for p in pending}) - linked:
+            if name:
+                (self.parts / name).unlink(missing_ok=True)  # older versions, never linked again
         self._merged_root = dict(self._root)
-        return len(shards)
+        return len(pending)
 
-    def _fold(self, f: h5py.File, shards: list[Path]) -> None:
-        """Add the shards' videos and failures and the root attrs to the open copy ``f``."""
-        with guard(self.path, where="the root attributes (the cache's settings)"):
-            f.attrs["vtx_version"] = __version__
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            videos = f.require_group(VIDEOS)
-            failures = f.require_group(FAILURES)
-        for shard in shards:
-            s = None
-            try:
-                s = h5py.File(shard, "r")
-                root, key = json.loads(s.attrs["root"]), str(s.attrs["key"])
-                kind, replace = str(s.attrs["kind"]), bool(s.attrs["replace"])
-            except DAMAGE_ERRORS as e:
-                if s is not None:
-                    s.close()
-                raise CacheDamaged(
-                    f"the finished part {shard} cannot be read ({damage_reason(e)}); delete it "
-                    f"and rerun the same vtx extract: its video is computed again") from e
-            with s:
-                with guard(self.path, where="the root attributes (the cache's settings)"):
-                    _merge_root(f, root)
-                with guard(self.path, key):
-                    self._fold_one(s, kind, key, replace, videos, failures)
-        with guard(self.path, where="the root attributes (the cache's settings)"):
-            _merge_root(f, self._root)
+    def _drop_base(self, base: str | None) -> None:
+        if base is not None:
+            (self.parts / base).unlink(missing_ok=True)
 
-    @staticmethod
-    def _fold_one(s: h5py.File, kind: str, key: str, replace: bool, videos: h5py.Group,
-                  failures: h5py.Group) -> None:
+    def _fold_part(self, part: Path, root: dict, videos: dict[str, index.Entry],
+                   failures: dict[str, index.Entry]) -> None:
+        """Add one part to the entries, if it is newer than what they hold for its video."""
+        try:
+            with h5py.File(part, "r") as s:
+                part_root, key = json.loads(s.attrs["root"]), str(s.attrs["key"])
+                kind = str(s.attrs["kind"])
+                complete = bool(s.attrs.get("replace", True)) or kind != "video"
+                record = index.group_record(s["video"]) if kind == "video" else None
+        except DAMAGE_ERRORS as e:
+            raise CacheDamaged(
+                f"the finished part {part} cannot be read ({damage_reason(e)}); delete it "
+                f"and rerun the same vtx extract: its video is computed again") from e
+        _merge_root(root, part_root)
+        t = index.part_time(part.name)
         if kind == "failure":
-            if key in failures:
+            if key not in failures or failures[key].time <= t:
+                failures[key] = index.Entry(part.name, "/failure", t)
+            return
+        if not complete:
+            return  # written by an older vtx: features to add, not a whole video; the next
+            # run extracts them again
+        if key not in videos or videos[key].time <= t:
+            videos[key] = index.Entry(part.name, "/video", t, record)
+            if key in failures and failures[key].time <= t:
                 del failures[key]
-            s.copy(s["failure"], failures, name=key)
-            return
-        if key in failures:
-            del failures[key]
-        if key in videos and replace:
-            del videos[key]
-        if key not in videos:
-            if replace:
-                s.copy(s["video"], videos, name=key)
-            # else: features to add to a video that is gone (vtx check --repair removed it);
-            # dropped, so the next run extracts the whole video again
-            return
-        g = videos[key]
-        for k, v in s["video"].attrs.items():
-            g.attrs[k] = v
-        for name in s["video"]:
-            if name in g:
-                del g[name]
-            s.copy(s["video"][name], g, name=name)
 
-    def _merge_full(self, n: int, cache_bytes: int, extra: int, free: int) -> str:
-        need = cache_bytes + extra
+    def _merge_full(self, n: int, need: int, free: int) -> str:
         what = (f"merging {n} finished video(s) into {self.path}" if n else
                 f"updating the settings of {self.path}")
-        copy = (f"writes a new copy of the cache first, which needs about {human(need)} "
-                f"({human(cache_bytes)} for the copy plus {human(extra)} for the new data and "
-                f"headroom)" if cache_bytes else
-                f"writes a new cache file, which needs about {human(need)}")
         kept = f" and the finished videos stay in {self.parts}/" if n else ""
-        return (f"no space left on the device of {self.path.parent}: {what} {copy}, and "
-                f"{human(free)} is free. Nothing was lost: {self._untouched()}{kept}. Free at "
-                f"least {human(max(need - free, 1))} more there and rerun the same command: it "
-                f"merges them first")
+        return (f"no space left on the device of {self.path.parent}: {what} writes a new index "
+                f"file, which needs about {human(need)}, and {human(free)} is free. Nothing was "
+                f"lost: {self._untouched()}{kept}. Free at least {human(max(need - free, 1))} "
+                f"more there and rerun the same command: it merges them first")
 
-    def _root_changed(self) -> bool:
-        """Whether merging ``set_root_attrs`` would change the cache's root attrs."""
+    def _root_changed(self, current: dict | None = None) -> bool:
+        """Whether merging ``set_root_attrs`` would change the cache's root attrs (``current``:
+        the cache's root attrs when already read)."""
         if not self._root or self._root == self._merged_root:
             return False
-        if not self.path.exists():
+        if current is None and not self.path.exists():
             return True
-        current = self.root_attrs()
+        current = self.root_attrs() if current is None else current
         for k, v in self._root.items():
             if k == "features" and "features" in current:
                 have = json.loads(current["features"])
@@ -522,21 +675,22 @@ class CacheWriter:
         return False
 
 
-def _acquire_lock(lock_path: Path, cache_path: Path):
-    """Exclusive, non-blocking lock on ``lock_path``; the OS drops it if the process dies.
+def _acquire_lock(lock_path: Path, cache_path: Path, wait: bool = False):
+    """Exclusive lock on ``lock_path`` (waiting for it when ``wait``); the OS drops it if the
+    process dies.
 
-    The lock file is removed on close, so after locking we check that the path still names the
-    file we locked (another process may have removed it in between) and retry otherwise.
+    The lock file is removed on release, so after locking we check that the path still names
+    the file we locked (another process may have removed it in between) and retry otherwise.
     """
-    for _ in range(10):
+    for _ in range(1000 if wait else 10):
         fh = open(lock_path, "a+")
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             fh.close()
             raise CacheInUse(
-                f"{cache_path} is already in use by another vtx process (lock {lock_path}). "
-                f"Wait for it to finish, or write to a different --out."
+                f"{cache_path} is being merged, compacted or repaired by another vtx process "
+                f"(lock {lock_path}). Wait for it to finish, or write to a different --out."
             ) from None
         try:
             same = os.stat(lock_path).st_ino == os.fstat(fh.fileno()).st_ino
@@ -552,11 +706,157 @@ def _acquire_lock(lock_path: Path, cache_path: Path):
     raise CacheInUse(f"could not lock {lock_path}; another process keeps replacing it")
 
 
-def _merge_root(f: h5py.File, root: dict) -> None:
+def _merge_root(into: dict, root: dict) -> None:
     """Root attrs; ``features`` (JSON name -> weights identity) is a union, not a replacement."""
     for k, v in root.items():
-        if k == "features" and "features" in f.attrs:
-            merged = json.loads(f.attrs["features"])
+        if k == "features" and "features" in into:
+            merged = json.loads(into["features"])
             merged.update(json.loads(v))
             v = json.dumps(merged, sort_keys=True)
-        f.attrs[k] = v
+        into[k] = v
+
+
+def _plain(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _group_bytes(file: Path, obj: str) -> int:
+    """Bytes stored by the datasets of one group (to reserve room for a copy of it)."""
+    total = 0
+    with h5py.File(file, "r") as f:
+        g = f[obj]
+        for name in g:
+            item = g[name]
+            if isinstance(item, h5py.Dataset):
+                total += item.id.get_storage_size() + 16384
+    return total
+
+
+# ----------------------------------------------------------------------------- maintenance
+@dataclass
+class MaintenanceReport:
+    """What ``vtx merge`` or ``vtx compact`` did."""
+
+    cache: str
+    merged: int = 0  # finished parts linked by this command
+    videos: int = 0
+    failures: int = 0
+    stale_removed: int = 0  # unfinished parts of dead workers deleted
+    compacted_to: str | None = None
+    bytes: int = 0  # size of the cache afterwards: index + the parts it links (or the file)
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def line(self) -> str:
+        what = (f"compacted into {self.compacted_to} (one self-contained file)"
+                if self.compacted_to else f"merged {self.merged} finished part(s)")
+        stale = f", removed {self.stale_removed} unfinished part(s) of dead workers" \
+            if self.stale_removed else ""
+        return (f"{self.cache}: {what}{stale} | videos: {self.videos}, failures: "
+                f"{self.failures} | {human(self.bytes)} | wall: {self.wall_s:.1f} s")
+
+
+def merge_cache(path: str | os.PathLike) -> MaintenanceReport:
+    """``vtx merge``: link every finished part into the index (waiting for a merge in
+    progress), and delete the unfinished parts of workers that died.
+
+    Raises:
+        CacheNotFoundError: neither the cache nor its parts folder exists.
+    """
+    from vtx.io.claims import live_claims
+    from vtx.io.reader import CacheNotFoundError
+
+    t0 = time.perf_counter()
+    path = Path(path)
+    parts = path.with_name(path.name + ".parts")
+    if not path.exists() and not parts.is_dir():
+        raise CacheNotFoundError(f"feature cache {path} does not exist (nor {parts}/)")
+    report = MaintenanceReport(cache=str(path))
+    with CacheWriter(path, merge=False) as w:
+        report.merged = w.merge(create=True)
+        claims = path.with_name(path.name + ".claims")
+        live = {n for n in live_claims(claims)} if claims.is_dir() else set()
+        for tmp in w.parts.glob("*.tmp"):
+            if tmp.name.split("-")[0] not in live:
+                tmp.unlink(missing_ok=True)
+                report.stale_removed += 1
+        _count(w, report)
+    report.wall_s = time.perf_counter() - t0
+    return report
+
+
+def compact_cache(path: str | os.PathLike, out: str | os.PathLike | None = None,
+                  progress: bool = True) -> MaintenanceReport:
+    """``vtx compact``: fold the index and every part it links into one self-contained HDF5
+    file (to copy or publish a cache as a single file).
+
+    In place (``out`` None) the compacted file replaces the index atomically and the parts it
+    folded are deleted; finished parts are merged first. Workers may keep extracting into the
+    cache meanwhile: their new parts are merged later as usual.
+
+    Raises:
+        CacheNotFoundError: the cache does not exist.
+        DiskFull: the compacted copy does not fit; nothing was changed.
+    """
+    from vtx.io.reader import CacheNotFoundError
+    from vtx.progress import progress as progress_bar
+
+    t0 = time.perf_counter()
+    path = Path(path)
+    if not path.exists():
+        raise CacheNotFoundError(f"feature cache {path} does not exist")
+    target = Path(out) if out is not None else path
+    report = MaintenanceReport(cache=str(path), compacted_to=str(target))
+    with CacheWriter(path) as w:  # merges what is finished
+        pass
+    tmp = target.with_name(target.name + ".compact-tmp")
+    with CacheLock(path, wait=True):
+        videos, failures = w._index_entries(records=False)
+        files = {e.file for e in (*videos.values(), *failures.values()) if e.file}
+        need = path.stat().st_size + sum((w.parts / f).stat().st_size for f in files) * 11 // 10
+        free = free_bytes(target.parent)
+        if free < need:
+            raise DiskFull(f"no space left on the device of {target.parent}: compacting "
+                           f"{path} writes one file of about {human(need)}, and {human(free)} "
+                           f"is free. Nothing was changed. Free at least "
+                           f"{human(need - free)} more there, or pass --out on a bigger disk")
+        try:
+            create_reserved(tmp, need)
+            with h5py.File(path, "r") as src, h5py.File(tmp, "r+") as dst:
+                with guard(path, where="the root attributes (the cache's settings)"):
+                    for k, v in src.attrs.items():
+                        if k != index.LAYOUT_ATTR:
+                            dst.attrs[k] = v
+                for group, entries in ((VIDEOS, videos), (FAILURES, failures)):
+                    g = dst.create_group(group)
+                    for key in progress_bar(sorted(entries), desc=f"compact {group}",
+                                            unit="video", enabled=progress and group == VIDEOS):
+                        with guard(path, key):
+                            src.copy(src[group][key], g, name=key)
+            fsync_file(tmp)
+            os.replace(tmp, target)
+            fsync_dir(target.parent)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if is_disk_full(e):
+                raise DiskFull(f"no space left on the device of {target.parent} while "
+                               f"compacting {path}. Nothing was changed; free space (about "
+                               f"{human(need)} in all) and run vtx compact again") from e
+            raise
+        if out is None:
+            for f in files:
+                (w.parts / f).unlink(missing_ok=True)
+    report.videos, report.failures = len(videos), len(failures)
+    report.bytes = target.stat().st_size
+    report.wall_s = time.perf_counter() - t0
+    return report
+
+
+def _count(w: CacheWriter, report: MaintenanceReport) -> None:
+    videos, failures = w._index_entries(records=False)
+    report.videos, report.failures = len(videos), len(failures)
+    files = {e.file for e in (*videos.values(), *failures.values()) if e.file}
+    report.bytes = (w.path.stat().st_size if w.path.exists() else 0) + sum(
+        (w.parts / f).stat().st_size for f in files if (w.parts / f).exists())

@@ -31,6 +31,7 @@ import h5py
 from vtx import SCHEMA_VERSION, __version__
 from vtx.errors import CacheDamaged, DiskFull, ReadOnly
 from vtx.features import dataset_spec
+from vtx.io import index
 from vtx.io.cache import FAILURES, VIDEOS, CacheLock
 from vtx.io.reader import DAMAGE_ERRORS, CacheNotFoundError, damage_reason, key_path
 from vtx.io.space import (create_reserved, free_bytes, fsync_dir, fsync_file, human,
@@ -304,6 +305,14 @@ def repair_cache(path: str | os.PathLike, progress: bool = True) -> CheckReport:
 
 
 def _rewrite(path: Path, report: CheckReport) -> None:
+    with h5py.File(path, "r") as f:
+        try:
+            linked = index.is_index(f)
+        except DAMAGE_ERRORS:
+            linked = False  # the list of videos cannot be read: a copy tells what can
+    if linked:
+        _rewrite_index(path, report)
+        return
     size = path.stat().st_size
     need = size + size // 50 + (4 << 20)
     free = free_bytes(path.parent)
@@ -333,6 +342,45 @@ def _rewrite(path: Path, report: CheckReport) -> None:
         if is_disk_full(e):
             raise DiskFull(_full_message(path, need, free_bytes(path.parent))) from e
         raise
+    report.removed = sorted(damaged)
+    report.rebuilt = rebuilt
+    report.repaired = True
+
+
+def _rewrite_index(path: Path, report: CheckReport) -> None:
+    """Repair an index-layout cache: a new index without the damaged videos' links (no data is
+    copied), then their part files are deleted."""
+    parts = path.with_name(path.name + ".parts")
+    tmp = path.with_name(path.name + ".repair-tmp")
+    tmp.unlink(missing_ok=True)
+    damaged = {v.key for v in report.damaged}
+    with h5py.File(path, "r") as src:
+        videos = index.read_entries(src, VIDEOS)
+        failures = ({} if "/" + FAILURES in report.failures_damaged else
+                    {k: e for k, e in index.read_entries(src, FAILURES).items()
+                     if k not in report.failures_damaged})
+        keep = {k: e for k, e in videos.items() if k not in damaged}
+        root, rebuilt = _root_attrs(src, report, sorted(keep))
+    root.pop(index.LAYOUT_ATTR, None)
+    need = index.index_bytes(len(keep) + len(failures))
+    free = free_bytes(path.parent)
+    if free < need:
+        raise DiskFull(_full_message(path, need, free))
+    try:
+        create_reserved(tmp, need)
+        index.write_index(tmp, parts.name, root, keep, failures)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise DiskFull(_full_message(path, need, free_bytes(path.parent))) from e
+        raise
+    linked = {e.file for e in (*keep.values(), *failures.values())}
+    for e in videos.values():
+        if e.file and e.file not in linked:
+            (parts / e.file).unlink(missing_ok=True)
     report.removed = sorted(damaged)
     report.rebuilt = rebuilt
     report.repaired = True

@@ -78,6 +78,25 @@ def _no_locks(folder: Path, why) -> str:
             f"--shard K/N and --no-merge, then run `vtx merge` once when all have finished")
 
 
+def live_claims(folder: Path) -> list[str]:
+    """The claim files in ``folder`` whose holder is alive (its lock is held)."""
+    live = []
+    for path in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
+        if path.name.startswith("."):
+            continue
+        try:
+            fh = open(path, "r")
+        except FileNotFoundError:
+            continue
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fh, fcntl.LOCK_UN)
+            except BlockingIOError:
+                live.append(path.name)
+    return live
+
+
 class Claims:
     """The claims this process holds on one cache.
 

@@ -5,6 +5,8 @@ single iterator :meth:`VideoReader.frames`. Frames come out in decode order with
 presentation time taken from PTS, relative to the stream's start, exactly as PySceneDetect's
 PyAV backend reports positions; variable-frame-rate files are therefore handled exactly.
 
+:meth:`VideoReader.audio` decodes the audio stream alone, for runs that need no pixels.
+
 Corrupt packets are skipped and counted (as PySceneDetect's PyAV reader does); decoding gives up
 only after ``MAX_CONSECUTIVE_ERRORS`` consecutive failures.
 
@@ -216,6 +218,21 @@ class VideoReader:
         self.info.duration_s = last_end
         if index == 0:
             raise DecodeError("no frame could be decoded from the video stream")
+
+    def audio(self, on_audio: Callable[[av.AudioFrame | None], None]) -> None:
+        """Decode the first audio stream only (no video frame is decoded): each decoded audio
+        frame is passed to ``on_audio``, then ``None`` once at the end, exactly as
+        :meth:`frames` passes them. ``info``'s decode results (rotation, n_frames, duration)
+        stay unknown. A video without audio gives only the final ``None``."""
+        if self.info.has_audio:
+            audio = self._container.streams.audio[0]
+            for packet in self._container.demux(audio):
+                try:
+                    for aframe in packet.decode():
+                        on_audio(aframe)
+                except av.error.FFmpegError:
+                    self.audio_decode_errors += 1
+        on_audio(None)
 
     def _expected_duration(self) -> float:
         """Duration the container declares, in seconds (0 when unknown)."""

@@ -85,6 +85,10 @@ def key_path(key: str) -> str:
 def damage_reason(e: BaseException) -> str:
     """A one-line reason for an h5py error raised by damaged bytes."""
     text = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+    if "can't open file" in text or "unable to open external file" in text.lower():
+        return ("the part file its index entry links to is missing or cannot be opened (copy "
+                "or move a cache together with its feats.h5.parts/ folder, or make it one "
+                f"file with vtx compact; see docs/FORMAT.md) (HDF5: {text})")
     if "filter returned failure" in text or "checksum" in text.lower():
         return ("Fletcher-32 checksum mismatch: the stored bytes changed after vtx wrote them "
                 f"(HDF5: {text})")

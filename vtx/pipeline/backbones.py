@@ -21,6 +21,15 @@ transform (rescale, normalise, layout) runs batched on the model's device.
 
 Weights resolve through the torch hub cache exactly as torchvision does
 (``weights.get_state_dict``), so ``$TORCH_HOME/hub/checkpoints/<file>`` is used when present.
+
+Precision (``--precision``, :func:`resolve_precision`): ``fp32`` runs the models as loaded;
+``bf16`` on a CPU casts the model's weights and inputs to bfloat16 (oneDNN's native bf16 kernels
+on CPUs with AVX512_BF16 or AMX, accumulating in fp32); on CUDA, ``fp16`` and ``bf16`` run the
+fp32 model under ``torch.autocast``. ``auto`` picks fp16 on CUDA, bf16 on a CPU with native bf16
+and fp32 otherwise. Outputs are float32 whatever the precision (stored as ``--dtype``). On a CPU
+the conv nets run in channels-last layout at any precision (:data:`CHANNELS_LAST`). Casting beats
+CPU autocast, and channels-last helps, as measured by ``bench/precision.py --variants``
+(docs/BENCHMARKS.md, "Precision").
 """
 
 from __future__ import annotations
@@ -41,6 +50,67 @@ from vtx.features import (FEATURES, FULL_FRAME, FeatureSpec, follows_grid_view, 
 
 THUMBNAIL = "thumbnail"
 """Pseudo-feature: a small picture of the shot's center frame (for ``vtx predict --explain``)."""
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+"""The values of ``--precision``; every one but ``auto`` is also a dataset's ``precision`` attr."""
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+"""CPU features that give native bf16 matrix kernels (x86 names, as in ``/proc/cpuinfo``)."""
+CHANNELS_LAST = {"resnet18": torch.channels_last, "r2plus1d_18": torch.channels_last_3d,
+                 "VGGish": torch.channels_last}
+"""CPU memory layout per builder, where measured faster in fp32 and bf16 (docs/BENCHMARKS.md,
+"Precision"): the conv nets; ViT-B/16 gains nothing (one conv), and ``tv:`` models are left in
+the default layout (not measured)."""
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (AVX512_BF16 or AMX-BF16).
+
+    Asks PyTorch's own CPU feature detection (``torch._C._cpu._get_cpu_capability()``, a dict of
+    ISA flags in torch 2.14; ``torch.backends.cpu.get_cpu_capability()`` only names the vector
+    width); falls back to the flags of ``/proc/cpuinfo`` where that is unavailable.
+    """
+    try:
+        caps = torch._C._cpu._get_cpu_capability()
+        if isinstance(caps, dict) and any(f in caps for f in CPU_BF16_FLAGS):
+            return any(bool(caps.get(f)) for f in CPU_BF16_FLAGS)
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = {f for line in text.splitlines() if line.startswith("flags")
+             for f in line.partition(":")[2].split()}
+    return any(f in flags for f in CPU_BF16_FLAGS)
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """The precision models run at on ``device``: ``fp32``, ``bf16`` or ``fp16``.
+
+    ``auto`` is fp16 on CUDA, bf16 on a CPU with native bf16 (:func:`cpu_native_bf16`), else
+    fp32. Refused with the fix in the message: fp16 on a CPU (PyTorch has no fast CPU fp16
+    path for these models: it is emulated and slower than fp32), bf16 on a CPU without native
+    bf16 (emulated, slower than fp32) or on a GPU that lacks it.
+    """
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    if precision == "auto":
+        return "fp16" if cuda else ("bf16" if cpu_native_bf16() else "fp32")
+    if precision == "fp16" and not cuda:
+        raise UsageError("--precision fp16 is for CUDA only: on a CPU PyTorch emulates fp16 for "
+                         "these models, slower than fp32. On a CPU use --precision bf16 (needs "
+                         "AVX512_BF16 or AMX), fp32, or auto")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"--precision bf16: the GPU {torch.cuda.get_device_name(dev)} has no "
+                         "bf16 support; use --precision fp16 (or auto) on it")
+    if precision == "bf16" and not cuda and not cpu_native_bf16():
+        raise UsageError("--precision bf16 needs a CPU with AVX512_BF16 or AMX-BF16 (this one "
+                         "has neither, so bf16 would be emulated and slower than fp32); use "
+                         "--precision fp32 or auto")
+    return precision
 
 
 def sample_indices(clip_len: int, start: int, end: int) -> np.ndarray:
@@ -190,7 +260,8 @@ class Backbone(nn.Module):
         weights_file: the official file name(s), empty for random weights.
         pca: VGGish's PCA postprocessing, or None.
 
-    ``forward`` returns ``{feature name: float32 (B, *row shape)}``.
+    ``forward`` returns ``{feature name: float32 (B, *row shape)}``. The model runs in fp32
+    until :meth:`set_precision` (which :func:`load_backbones` calls).
     """
 
     def __init__(self, specs: Sequence[FeatureSpec], model: nn.Module,
@@ -210,10 +281,37 @@ class Backbone(nn.Module):
         std = transforms.std if transforms is not None else [1.0, 1.0, 1.0]
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1, 1))
+        self.precision = "fp32"  # resolved: fp32, bf16 or fp16 (set_precision)
+        self.input_dtype = torch.float32  # what the model's own weights take
+        self.autocast_dtype: torch.dtype | None = None  # CUDA mixed precision
+        self.memory_format = torch.contiguous_format
 
     @property
     def device(self) -> torch.device:
         return self.mean.device
+
+    def set_precision(self, precision: str) -> Backbone:
+        """Run at ``precision`` (``fp32``, ``bf16`` or ``fp16``, resolved for this backbone's
+        device by :func:`resolve_precision`); call after moving the backbone to its device.
+
+        On a CPU, bf16 casts the model's weights (the normalisation and VGGish's PCA stay fp32)
+        and the builders in :data:`CHANNELS_LAST` switch to channels-last; on CUDA the fp32
+        model runs under ``torch.autocast`` at fp16 or bf16.
+        """
+        if precision not in TORCH_DTYPES:
+            raise UsageError(f"unresolved precision {precision!r}; pass it through "
+                             f"resolve_precision first")
+        dtype = TORCH_DTYPES[precision]
+        self.precision = precision
+        if self.device.type == "cuda":
+            self.autocast_dtype = None if precision == "fp32" else dtype
+            return self
+        if precision == "fp16":
+            raise UsageError("--precision fp16 is for CUDA only; use bf16, fp32 or auto on a CPU")
+        self.input_dtype = dtype
+        self.memory_format = CHANNELS_LAST.get(self.specs[0].builder, torch.contiguous_format)
+        self.model.to(dtype=dtype, memory_format=self.memory_format)
+        return self
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -224,18 +322,20 @@ class Backbone(nn.Module):
         """Args:
             x: uint8 frames (B, T, H, W, 3), T = clip_len; for VGGish float (B, 96, 64).
         """
-        with torch.autocast("cuda", dtype=torch.float16, enabled=x.device.type == "cuda"):
+        autocast = self.autocast_dtype is not None and x.device.type == "cuda"
+        with torch.autocast("cuda", dtype=self.autocast_dtype or torch.float16, enabled=autocast):
             out = self.run(x)
         return {k: v.float() for k, v in out.items()}
 
     def run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.kind == "audio":
-            emb = self.model(x.float())
-            return {self.specs[0].name: self.pca(emb.float()) if self.pca is not None else emb}
+            emb = self.model(x.to(self.input_dtype)).float()
+            return {self.specs[0].name: self.pca(emb) if self.pca is not None else emb}
         x = x.permute(0, 4, 1, 2, 3).float().div_(255.0)  # (B, 3, T, H, W)
         x = (x - self.mean) / self.std
         if self.clip_len == 1:
             x = x[:, :, 0]  # (B, 3, H, W)
+        x = x.to(self.input_dtype).contiguous(memory_format=self.memory_format)
         outputs = {s.output for s in self.specs}
         if "patches" not in outputs:
             y = self.model(x)  # (B, D): the classifier's input
@@ -251,7 +351,8 @@ class Backbone(nn.Module):
         """Dataset attrs that identify how feature ``name`` (default: the first) was made."""
         spec = next((s for s in self.specs if s.name == name), self.specs[0])
         d = {"model": spec.builder, "weights": self.identity, "weights_file": self.weights_file,
-             "dim": spec.dim, "sampling": spec.sampling, "level": spec.level}
+             "dim": spec.dim, "sampling": spec.sampling, "level": spec.level,
+             "precision": self.precision}
         if spec.output == "patches":
             d["layout"] = "(n_frames, n_patches, dim), patches in row-major grid order"
         if self.pca is not None:
@@ -261,8 +362,8 @@ class Backbone(nn.Module):
 
 def load_backbones(specs: Sequence[FeatureSpec], weights: str = "official",
                    weights_dir: str | Path | None = None, device: torch.device | str = "cpu",
-                   seed: int = 0, pca: bool = False, full_frame: bool = False
-                   ) -> dict[str, Backbone]:
+                   seed: int = 0, pca: bool = False, full_frame: bool = False,
+                   precision: str = "fp32") -> dict[str, Backbone]:
     """One frozen backbone per model run the features need, keyed by ``model_key``.
 
     Args:
@@ -275,9 +376,13 @@ def load_backbones(specs: Sequence[FeatureSpec], weights: str = "official",
         pca: VGGish only: apply the official PCA postprocessing.
         full_frame: the built-in ViT run sees the whole frame (``--full-frame-grids``,
             :func:`vtx.features.follows_grid_view`); other models keep their crop.
+        precision: ``--precision`` (:data:`PRECISIONS`), resolved for ``device`` by
+            :func:`resolve_precision`; ``fp32`` (the default here) runs the models as loaded,
+            ``vtx extract`` and ``vtx predict`` pass theirs (default ``auto``).
     """
     if weights not in ("official", "random"):
         raise UsageError(f"--weights must be 'official' or 'random', not {weights!r}")
+    precision = resolve_precision(precision, device)
     groups: dict[str, list[FeatureSpec]] = {}
     for spec in specs:
         if spec.kind != "codec":
@@ -291,14 +396,14 @@ def load_backbones(specs: Sequence[FeatureSpec], weights: str = "official",
             if full_frame and any(follows_grid_view(s) for s in group):
                 bb.prep.full_frame = True
                 bb.identity = group[0].identity(weights, view=FULL_FRAME)
-        out[key] = bb.to(device)
+        out[key] = bb.to(device).set_precision(precision)
     return out
 
 
 def load_backbone(feature: str | FeatureSpec, weights: str = "official",
                   weights_dir: str | Path | None = None, device: torch.device | str = "cpu",
                   seed: int = 0, variant: str | None = None, patches: bool = False,
-                  pca: bool = False) -> Backbone:
+                  pca: bool = False, precision: str = "fp32") -> Backbone:
     """The backbone of one feature (a name, a ``tv:`` spec or a :class:`FeatureSpec`).
 
     ``variant`` picks another member of the weights enum; ``patches`` adds ``vit_patches`` to
@@ -310,7 +415,8 @@ def load_backbone(feature: str | FeatureSpec, weights: str = "official",
         specs.append(FEATURES["vit_patches"].with_weights(variant))
     if spec.kind == "codec":
         raise UsageError(f"feature {spec.name!r} comes from the codec and has no model")
-    return next(iter(load_backbones(specs, weights, weights_dir, device, seed, pca).values()))
+    return next(iter(load_backbones(specs, weights, weights_dir, device, seed, pca,
+                                    precision=precision).values()))
 
 
 def _load_torchvision(specs: list[FeatureSpec], weights: str, weights_dir, seed: int

@@ -33,12 +33,15 @@ from vtx.features import (ALL_FEATURES, DEFAULT_FEATURES, FEATURES, FeatureSpec,
                           parse_features, resolve)
 from vtx.io import schema
 from vtx.io.cache import CacheWriter, video_key
+from vtx.io.claims import DEFAULT_LEASE_S, Claims, LocksUnsupported, check_locks
+from vtx.io.space import writable_reason
 from vtx.pipeline.backbones import (THUMBNAIL, Backbone, ThumbnailPrep, grid_prep,
-                                    load_backbones, resolve_device)
+                                    load_backbones, resolve_device, resolve_precision)
 from vtx.pipeline.codec import codec_attrs
 from vtx.pipeline.producer import FRAME_THUMBNAIL, FrameSettings, VideoJob, VideoProducer
-from vtx.pipeline.runner import BatchRunner, OnBatch, VideoAssembler, run_jobs
+from vtx.pipeline.runner import BatchRunner, JobSkipped, OnBatch, VideoAssembler, run_jobs
 from vtx.pipeline.sampling import FrameSampling
+from vtx.pipeline.sharding import auto_device, parse_shard
 from vtx.pipeline.shots import ShotConfig
 
 __all__ = ["ExtractConfig", "ExtractSummary", "VideoFeatures", "VideoInput", "FrameSettings",
@@ -93,6 +96,7 @@ class ExtractConfig:
     out: Path
     features: str | Sequence[str | FeatureSpec] = DEFAULT_FEATURES
     device: str = "auto"
+    precision: str = "auto"  # --precision: auto, fp32, bf16, fp16 (backbones.resolve_precision)
     shots: ShotConfig = field(default_factory=ShotConfig)
     frames: FrameSampling = field(default_factory=FrameSampling)
     weights: str = "official"
@@ -110,6 +114,14 @@ class ExtractConfig:
     dtype: str = "float16"
     progress: bool = True
     seed: int = 0
+    shard: str | None = None
+    merge: bool = True
+    lease_s: float = DEFAULT_LEASE_S
+    engine: str = "local"
+    address: str | None = None
+    ray_workers: int | None = None
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
 
 
 @dataclass
@@ -124,6 +136,9 @@ class ExtractSummary:
     video_seconds: float = 0.0
     wall_s: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    others: int = 0  # videos another worker was computing (or finished meanwhile)
+    shard: str | None = None  # "K/N" when --shard picked a subset
+    pending: int = 0  # finished videos not merged (--no-merge)
     load_s: float = 0.0  # of wall_s, loading the models (not in to_dict or line)
 
     @property
@@ -136,12 +151,17 @@ class ExtractSummary:
                 "failed": self.failed, "shots": self.shots,
                 "video_seconds": round(self.video_seconds, 3), "wall_s": round(self.wall_s, 3),
                 "throughput": round(self.throughput, 3),
-                "failures": [{"path": p, "reason": r} for p, r in self.failures]}
+                "failures": [{"path": p, "reason": r} for p, r in self.failures],
+                "other_workers": self.others, "shard": self.shard, "not_merged": self.pending}
 
     def line(self) -> str:
-        return (f"videos: {self.done} done, {self.skipped} skipped, {self.failed} failed | "
-                f"shots: {self.shots} | wall: {self.wall_s:.1f} s | "
-                f"throughput: {self.throughput:.2f} video-s/s | cache: {self.output}")
+        others = f", {self.others} left to other workers" if self.others else ""
+        shard = f" (shard {self.shard})" if self.shard else ""
+        merge = (f" ({self.pending} finished part(s) not merged: run vtx merge {self.output})"
+                 if self.pending else "")
+        return (f"videos{shard}: {self.done} done, {self.skipped} skipped, {self.failed} failed"
+                f"{others} | shots: {self.shots} | wall: {self.wall_s:.1f} s | "
+                f"throughput: {self.throughput:.2f} video-s/s | cache: {self.output}{merge}")
 
 
 class VideoInput(NamedTuple):
@@ -270,13 +290,18 @@ def _read_list(lines: Iterable[str], folder: Path, source: str) -> list[tuple[Pa
 
 # ----------------------------------------------------------------------------- the run
 def extract(config: ExtractConfig, log: Callable[[str], None] | None = None,
-            on_batch: OnBatch | None = None) -> ExtractSummary:
+            on_batch: OnBatch | None = None, inputs: Sequence[VideoInput] | None = None,
+            models: dict | None = None) -> ExtractSummary:
     """Run stage 1 over ``config.videos`` into ``config.out``. See :class:`ExtractConfig`.
 
     Args:
         log: receives one line per failed video [default: stderr].
         on_batch: called after every model batch with ``(model_key, n_items, seconds)`` (the
             timing hook of ``bench/``); the models' load time is ``ExtractSummary.load_s``.
+        inputs: the videos, as :func:`discover_videos` found them, instead of discovering
+            ``config.videos`` (a distributed worker is handed its videos with their keys).
+        models: a dict kept between calls: loaded backbones are stored in it and reused (a
+            worker that runs many calls loads each model once).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t0 = time.perf_counter()
@@ -287,76 +312,151 @@ def extract(config: ExtractConfig, log: Callable[[str], None] | None = None,
         raise UsageError("--batch-size and --workers must be at least 1")
     if config.motion_grid < 1 or config.residual_size < 1:
         raise UsageError("--motion-grid and --residual-size must be at least 1")
-    device = resolve_device(config.device)
-    videos = discover_videos(config.videos, config.globs)
+    if config.engine == "ray" and inputs is None:  # the workers resolve device and precision
+        from vtx.pipeline.ray_engine import run_on_ray
+        return run_on_ray(config, log)
+    if config.engine not in ("local", "ray"):
+        raise UsageError(f"--engine {config.engine!r}: use local or ray")
+    shard = parse_shard(config.shard)
+    device = resolve_device(auto_device(config.device) if shard else config.device)
+    precision = resolve_precision(config.precision, device)
+    videos = list(inputs) if inputs is not None else discover_videos(config.videos,
+                                                                      config.globs)
     if not videos:
         pattern = ", ".join(config.globs) or "common video extensions"
         given = config.videos if isinstance(config.videos, (str, os.PathLike)) else \
             ", ".join(map(str, config.videos))
         raise UsageError(f"no videos found in {given} ({pattern}); check --videos "
                          f"and --glob")
-    summary = ExtractSummary(output=str(config.out))
+    summary = ExtractSummary(output=str(config.out), shard=str(shard) if shard else None)
+    if shard is not None:
+        videos = [v for v in videos if shard.owns(v.relpath)]
+    claims_dir = Path(config.out).with_name(Path(config.out).name + ".claims")
+    locks = _locks_work(Path(config.out).parent, config, shard)
+    with CacheWriter(config.out, overwrite=config.overwrite, merge=config.merge,
+                     claims=claims_dir) as cache:
+        jobs, planned = plan_run(cache, config, specs, videos, summary, log)
+        if jobs:
+            t_load = time.perf_counter()
+            needed = {s.name: s for j in jobs for s in j.features}
+            # a worker that keeps its models loads every requested feature's model once
+            load = (tuple(specs) if models is not None else tuple(needed.values()),
+                    config.weights, config.weights_dir, device,
+                    config.seed, config.vggish_pca, config.full_frame_grids, precision)
+            backbones = models.get(load) if models is not None else None
+            if backbones is None:
+                backbones = load_backbones(load[0], config.weights, config.weights_dir, device,
+                                           seed=config.seed, pca=config.vggish_pca,
+                                           full_frame=config.full_frame_grids,
+                                           precision=precision)
+                if models is not None:
+                    models[load] = backbones
+            summary.load_s = time.perf_counter() - t_load
+            with tempfile.TemporaryDirectory(prefix="vtx-gop-") as tmp, \
+                    Claims(claims_dir, config.lease_s, locks, log) as claims:
+                _Run(config, backbones, cache, summary, log, Path(tmp), claims, planned,
+                     specs).run(jobs, on_batch)
+    if not config.merge and cache.read_only is None:
+        summary.pending = len(cache.pending_parts())
+    summary.wall_s = time.perf_counter() - t0
+    return summary
+
+
+def plan_run(cache: CacheWriter, config: ExtractConfig, specs: tuple[FeatureSpec, ...],
+             videos: list[VideoInput], summary: ExtractSummary, log: Callable[[str], None]
+             ) -> tuple[list[VideoJob], dict[str, int | None]]:
+    """What a run (local or a distributed driver) does with an open cache before any model
+    runs: refuse other settings than the cache's, set its root attrs, record listed files that
+    do not exist as failures, and plan the jobs (:func:`_jobs`).
+
+    Raises:
+        CacheMismatch: other shot, frame or feature settings than the cache's.
+        ReadOnly: videos need extracting into a read-only cache.
+    """
     official = config.weights == "official"
     view = grid_prep(config.vit_weights, config.full_frame_grids).view
     wanted = {s.name: s.identity(config.weights, pca=config.vggish_pca and official,
                                  gop=config.gop_normalise, view=view) for s in specs}
     frame_level = any(s.level == "frame" for s in specs)
-    with CacheWriter(config.out, overwrite=config.overwrite) as cache:
-        _check_settings(cache.root_attrs(), config, wanted, frame_level)
-        attrs = {"shot_config": config.shots.to_json(),
-                 "features": json.dumps(wanted, sort_keys=True)}
-        if frame_level:
-            attrs["frame_config"] = config.frames.to_json()
-        cache.set_root_attrs(**attrs)
-        for v in videos:
-            if v.error:  # a listed file that does not exist fails like a bad video
-                _record_failure(cache, summary, log, v.relpath, v.error)
-        jobs = _jobs([v for v in videos if not v.error], specs, cache, summary)
-        if jobs:
-            cache.require_writable(f"{len(jobs)} of {len(videos)} video(s) need extracting")
-        elif cache.read_only is not None:
-            log(f"vtx: note: {config.out} is read-only ({cache.read_only}); every video is "
-                f"already in it, so there is nothing to do")
-        if jobs:
-            t_load = time.perf_counter()
-            needed = {s.name: s for j in jobs for s in j.features}
-            backbones = load_backbones(tuple(needed.values()), config.weights,
-                                       config.weights_dir, device, seed=config.seed,
-                                       pca=config.vggish_pca,
-                                       full_frame=config.full_frame_grids)
-            summary.load_s = time.perf_counter() - t_load
-            with tempfile.TemporaryDirectory(prefix="vtx-gop-") as tmp:
-                _Run(config, backbones, cache, summary, log, Path(tmp)).run(jobs, on_batch)
-    summary.wall_s = time.perf_counter() - t0
-    return summary
+    _check_settings(cache.root_attrs(), config, wanted, frame_level)
+    attrs = {"shot_config": config.shots.to_json(),
+             "features": json.dumps(wanted, sort_keys=True)}
+    if frame_level:
+        attrs["frame_config"] = config.frames.to_json()
+    cache.set_root_attrs(**attrs)
+    for v in videos:
+        if v.error:  # a listed file that does not exist fails like a bad video
+            _record_failure(cache, summary, log, v.relpath, v.error)
+    jobs, planned = _jobs([v for v in videos if not v.error], specs, cache, summary)
+    if jobs:
+        cache.require_writable(f"{len(jobs)} of {len(videos)} video(s) need extracting")
+    elif cache.read_only is not None:
+        log(f"vtx: note: {config.out} is read-only ({cache.read_only}); every video is "
+            f"already in it, so there is nothing to do")
+    return jobs, planned
+
+
+def _locks_work(folder: Path, config: ExtractConfig, shard) -> bool:
+    """Whether ``flock`` works where the cache lives (:func:`vtx.io.claims.check_locks`).
+
+    Without working locks, workers can only share a cache when each has its own shard and
+    none merges (``--shard K/N --no-merge``, then ``vtx merge``): claims then rely on their
+    lease alone. Otherwise the run stops with :class:`LocksUnsupported`.
+    """
+    if writable_reason(folder) is not None:
+        return True  # a read-only cache: nothing will be claimed or merged
+    try:
+        check_locks(folder)
+        return True
+    except LocksUnsupported:
+        if shard is not None and not config.merge:
+            return False
+        raise
 
 
 def _jobs(videos: list[VideoInput], specs: tuple[FeatureSpec, ...], cache: CacheWriter,
-          summary: ExtractSummary) -> list[VideoJob]:
+          summary: ExtractSummary) -> tuple[list[VideoJob], dict[str, int | None]]:
     """One job per video that lacks a requested feature; a video already in the cache (same
-    size) keeps its shots and sampled frames and computes only the missing features."""
-    records = cache.records()
-    jobs = []
+    size) keeps its shots and sampled frames and computes only the missing features.
+
+    Returns:
+        the jobs, and the version (time) of every job's video the plan was made from (None:
+        not in the cache), which a worker compares after claiming the video.
+    """
+    current = cache.versions()
+    jobs, planned = [], {}
     for path, rel, _ in videos:
         key = video_key(rel)
-        rec = records.get(key)
-        try:
-            size = path.stat().st_size
-        except OSError:
-            size = -1
-        if rec is None or rec.size_bytes != size:
-            jobs.append(VideoJob(len(jobs), path, rel, key, specs, replace=True))
-            continue
-        missing = tuple(s for s in specs if not set(s.dataset_names) <= rec.datasets)
-        if not missing:
+        entry = current.get(key)
+        job = _plan(len(jobs), path, rel, key, specs, entry, cache)
+        if job is None:
             summary.skipped += 1
             continue
-        job = VideoJob(len(jobs), path, rel, key, missing, replace=False,
-                       known_shots=cache.read_dataset(key, "shots"))
-        if "frames" in rec.datasets:
-            job.known_frames = cache.read_dataset(key, "frames")
         jobs.append(job)
-    return jobs
+        planned[key] = entry.time if entry is not None else None
+    return jobs, planned
+
+
+def _plan(vid: int, path: Path, rel: str, key: str, specs: tuple[FeatureSpec, ...],
+          entry, cache: CacheWriter) -> VideoJob | None:
+    """The job for one video given its cached version ``entry`` (None when not cached);
+    None when nothing is missing."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = -1
+    record = entry.record if entry is not None else None
+    if record is None or record["size_bytes"] != size:
+        return VideoJob(vid, path, rel, key, specs, replace=True)
+    have = set(record["datasets"])
+    missing = tuple(s for s in specs if not set(s.dataset_names) <= have)
+    if not missing:
+        return None
+    job = VideoJob(vid, path, rel, key, missing, replace=False,
+                   known_shots=cache.read_dataset(key, "shots"))
+    if "frames" in have:
+        job.known_frames = cache.read_dataset(key, "frames")
+    return job
 
 
 def _record_failure(cache: CacheWriter, summary: ExtractSummary, log: Callable[[str], None],
@@ -414,9 +514,11 @@ class _Run:
 
     def __init__(self, config: ExtractConfig, backbones: dict[str, Backbone],
                  cache: CacheWriter, summary: ExtractSummary, log: Callable[[str], None],
-                 tmp: Path):
+                 tmp: Path, claims: Claims, planned: dict[str, int | None],
+                 specs: tuple[FeatureSpec, ...]):
         self.config, self.backbones, self.cache = config, backbones, cache
         self.summary, self.log, self.tmp = summary, log, tmp
+        self.claims, self.planned, self.specs = claims, planned, specs
         self.preps = {k: bb.prep for k, bb in backbones.items() if bb.prep is not None}
         self.settings = FrameSettings(config.frames, config.motion_grid, config.residual_size,
                                       grid_prep(config.vit_weights, config.full_frame_grids))
@@ -428,10 +530,41 @@ class _Run:
     def run(self, jobs: list[VideoJob], on_batch: OnBatch | None) -> None:
         runner = BatchRunner(self.backbones, self.config.batch_size, on_batch)
         run_jobs(jobs, runner, self.produce, workers=self.config.workers, on_video=self.write,
-                 on_failure=self.fail, progress=self.config.progress)
+                 on_failure=self.fail, on_skip=self.skip, progress=self.config.progress)
+
+    def claim(self, job: VideoJob) -> None:
+        """Claim the job's video before decoding it (:mod:`vtx.io.claims`), and plan it again
+        when another worker changed it since this run listed the cache.
+
+        Raises:
+            JobSkipped: another worker holds the video, or finished it meanwhile.
+        """
+        if not self.claims.acquire(job.key):
+            raise JobSkipped("another worker is extracting it")
+        try:
+            self.cache.remove_stale_tmp(job.key)  # a killed worker's unfinished part
+            now = self.cache.version(job.key)
+            if (now.time if now is not None else None) == self.planned.get(job.key):
+                return
+            # another worker wrote this video since the run started: plan it from that version
+            entry = self.cache.versions_of(job.key)
+            fresh = _plan(job.vid, job.path, job.relpath, job.key, self.specs, entry,
+                          self.cache)
+            if fresh is None:
+                raise JobSkipped("another worker extracted it meanwhile")
+            if any(s.model_key not in self.backbones for s in fresh.features
+                   if s.kind != "codec"):
+                raise JobSkipped("another worker changed it meanwhile; rerun to complete it")
+            job.features, job.replace = fresh.features, fresh.replace
+            job.known_shots, job.known_frames = fresh.known_shots, fresh.known_frames
+        except BaseException:
+            self.claims.release(job.key)
+            raise
 
     def produce(self, job: VideoJob, emit: Callable[[object], None], bar) -> None:
-        """In a decode thread: one video's producer (re-encoded first with --gop-normalise)."""
+        """In a decode thread: claim the video, then run its producer (re-encoded first with
+        --gop-normalise)."""
+        self.claim(job)
         if self.config.gop_normalise and any(s.kind == "codec" for s in job.features):
             from vtx.io.transcode import gop_normalise
             job.path = gop_normalise(job.path, self.tmp / f"{job.vid}.mp4")
@@ -445,13 +578,27 @@ class _Run:
             done.attrs, a.arrays(), job.features,
             {s.name: self.feature_attrs(s, done.attrs) for s in job.features}, self.schema,
             shots=job.known_shots is None, frames=job.known_frames is None)
-        self.cache.write_video(job.key, attrs, datasets, replace=job.replace)
+        try:
+            written = self.cache.write_video(job.key, attrs, datasets, replace=job.replace)
+        finally:
+            self.claims.release(job.key)
+        if not written:
+            self.fail(job, "removed from the cache during this run (vtx check --repair?); "
+                           "rerun the same command to extract it again")
+            return
         self.summary.done += 1
         self.summary.shots += len(done.fixed["shots"])
-        self.summary.video_seconds += float(done.attrs["duration_s"])
+        self.summary.video_seconds += done.video_seconds  # attrs lack it when audio-only
 
     def fail(self, job: VideoJob, reason: str) -> None:
-        _record_failure(self.cache, self.summary, self.log, job.relpath, reason)
+        try:
+            _record_failure(self.cache, self.summary, self.log, job.relpath, reason)
+        finally:
+            self.claims.release(job.key)
+
+    def skip(self, job: VideoJob, reason: str) -> None:
+        """A video another worker has (:meth:`claim`): counted, not failed."""
+        self.summary.others += 1
 
     def feature_attrs(self, spec: FeatureSpec, video: dict) -> dict:
         """The dataset attrs of ``spec`` for one video (``video``: its attrs); a spatial grid

@@ -3,13 +3,23 @@
 :class:`VideoProducer` decodes a video once (:class:`vtx.io.decode.VideoReader`, its audio
 demuxed in the same pass) and hands every decoded frame to:
 
-* the shot detector, and each shot-level model's :class:`FramePrep`, which reduces the frame to
-  the model's input size straight away; a bounded :class:`ShotBuffer` keeps only those reduced
-  frames of the current shot, and a closed shot sends its sampled frames (the centre frame for
-  an image model, ``clip_len`` frames for a video model, :func:`sample_indices`) to the models;
+* the shot detector (on the frame's RGB array, the one per-frame conversion, made only when the
+  shots are not known already or codec residuals need it);
+* a bounded :class:`ShotBuffer` of the current shot's frames, held as decoded; a closed shot
+  sends its sampled frames (the centre frame for an image model, ``clip_len`` frames for a
+  video model, :func:`sample_indices`) to the models, and only those are converted to RGB and
+  reduced to each model's input size (:class:`FramePrep`, exactly the weights' transform).
+  Any frame can still become a sampled one when it is decoded, so reducing on arrival would
+  reduce every frame for every model; past the buffer's byte budget
+  (:data:`vtx.pipeline.shots.LAZY_BYTES`) frames are reduced on arrival again;
 * the frame sampler: a sampled frame is reduced for every frame-level image model, and its codec
   arrays are computed on the spot (:class:`vtx.pipeline.codec.CodecStream`);
 * (audio) the 16 kHz resampler and the incremental log-mel front end of VGGish.
+
+A job that only adds audio features to a video whose shots are cached (``job.known_shots``)
+decodes no video frame at all: only the audio stream is demuxed and decoded
+(:meth:`VideoReader.audio`), and the video attrs that only decoding the frames gives
+(:data:`DECODED_ATTRS`) are left out of :class:`VideoDone`, so the cached ones stay.
 
 Which of these run comes from the features' specs (:mod:`vtx.features`): their ``level``,
 ``kind`` and ``clip_len``. What the producer finds leaves through ``emit`` as messages:
@@ -31,10 +41,16 @@ from vtx.io.decode import Frame, VideoReader
 from vtx.pipeline.backbones import THUMBNAIL, FramePrep, ThumbnailPrep, grid_prep, sample_indices
 from vtx.pipeline.codec import CODEC_OPTIONS, CodecStream, pict_type
 from vtx.pipeline.sampling import FrameSampler, FrameSampling, KnownFrames
-from vtx.pipeline.shots import KnownShots, ShotBuffer, ShotConfig, ShotDetector, split_shot
+from vtx.pipeline.shots import (LAZY_BYTES, KnownShots, ShotBuffer, ShotConfig, ShotDetector,
+                                split_shot)
 
 FRAME_THUMBNAIL = "frame_thumbnail"
 """Pseudo-feature: a small picture of each sampled frame (for ``vtx predict --explain``)."""
+
+
+DECODED_ATTRS = ("rotation", "n_frames", "duration_s", "resized_frames", "decode_errors",
+                 "corrupt_frames")
+"""Video attrs known only once the video frames are decoded (left out by an audio-only job)."""
 
 
 @dataclass
@@ -62,6 +78,12 @@ class VideoJob:
     @property
     def frame_level(self) -> bool:
         return any(spec.level == "frame" for spec in self.features)
+
+    @property
+    def audio_only(self) -> bool:
+        """The job needs no pixels: audio features only, for a video whose shots are known."""
+        return (self.known_shots is not None and bool(self.features)
+                and all(spec.kind == "audio" for spec in self.features))
 
 
 @dataclass
@@ -96,6 +118,7 @@ class VideoDone:
     rows: dict[str, int]  # level -> number of rows (shots, sampled frames, audio examples)
     model_items: dict[str, int]  # model_key -> number of ModelItems emitted
     direct_items: int  # number of per-frame DirectItems emitted
+    video_seconds: float = 0.0  # the decoded duration (the declared one when audio-only)
 
 
 @dataclass
@@ -144,19 +167,22 @@ class VideoProducer:
         settings: frame sampling, motion grid and residual size.
         thumbnail: also emit a thumbnail of each shot's centre frame and of each sampled frame.
         capacity: most frames the shot buffer holds.
+        lazy_bytes: most bytes of decoded frames the shot buffer holds unreduced (0: reduce
+            every frame on arrival, as before; the model inputs are the same either way).
         progress: a bar advanced per decoded frame (:func:`vtx.progress.progress`).
     """
 
     def __init__(self, job: VideoJob, preps: Mapping[str, FramePrep], shot_config: ShotConfig,
                  emit: Callable[[object], None], settings: FrameSettings | None = None,
                  thumbnail: ThumbnailPrep | None = None, capacity: int = 300,
-                 progress=None):
+                 progress=None, lazy_bytes: int = LAZY_BYTES):
         self.job = job
         self.shot_config = shot_config
         self.emit = emit
         self.settings = settings or FrameSettings()
         self.thumbnail = thumbnail
         self.capacity = capacity
+        self.lazy_bytes = lazy_bytes
         self.progress = progress
         models = job.models
         # model_key -> (clip_len, prep) of the shot-level models, prep of the frame-level ones.
@@ -168,6 +194,8 @@ class VideoProducer:
         self.codec = [s.name for s in job.features if s.kind == "codec"]
         self.audio_times = [f"{s.name}_times" for s in job.features if s.level == "audio"]
         self.frame_level = job.frame_level
+        self.audio_only = job.audio_only and thumbnail is None
+        self.buffered = bool(self.shot_models) or thumbnail is not None  # shot inputs to hold
         self.shots: list[tuple[int, int]] = []
         self.shot_times: list[tuple[float, float]] = []
         self.frames: list[int] = []
@@ -189,6 +217,10 @@ class VideoProducer:
         options = CODEC_OPTIONS if self.codec else None
         with VideoReader(self.job.path, codec_options=options) as reader:
             self.open(reader)
+            if self.audio_only:  # no pixels needed: the audio stream alone
+                reader.audio(self.on_audio)
+                self.emit(self.finish())
+                return
             for frame in reader.frames(on_audio=self.on_audio if self.audio_models else None):
                 self.on_frame(frame)
             for cut in sorted(self.detector.finish()):
@@ -205,11 +237,16 @@ class VideoProducer:
                                       reader.frame_rate))
         self.sampler = (KnownFrames(job.known_frames) if job.known_frames is not None else
                         FrameSampler(self.settings.sampling, reader.expected_duration))
-        self.buffer = ShotBuffer(capacity=self.capacity)
+        self.buffer = ShotBuffer(capacity=self.capacity, reduce=self.reduce,
+                                 lazy_bytes=self.lazy_bytes)
         self.codec_stream = (CodecStream(self.codec, info.width, info.height,
                                          self.settings.motion_grid, self.settings.residual_size,
                                          legacy=self.settings.legacy_grids)
                              if self.codec else None)
+        # Every frame's RGB array: for the shot detector, and codec residuals (previous frame).
+        self.rgb_every_frame = (job.known_shots is None or
+                                (self.codec_stream is not None and self.codec_stream.residual))
+        self.frame_bytes = 0  # bytes of one decoded frame (set at the first frame)
         if self.audio_models:
             self.resampler = audio_io.AudioResampler()
             self.mel = audio_io.LogMelStream()
@@ -224,22 +261,37 @@ class VideoProducer:
             info = self.info
             self.codec_stream.place(self.settings.grid.region(info.width, info.height, rotation),
                                     rotation)
-        rgb = frame.av_frame.to_ndarray(format="rgb24")
+        av_frame = frame.av_frame
+        rgb = av_frame.to_ndarray(format="rgb24") if self.rgb_every_frame else None
         cuts = self.detector.push(frame.index, frame.pts, frame.time_base, rgb)
-        reduced = {k: prep(rgb, rotation) for k, (_, prep) in self.shot_models.items()}
-        if self.thumbnail is not None:
-            reduced[THUMBNAIL] = self.thumbnail(rgb, rotation)
-        self.buffer.add(frame.index, frame.time, reduced)
+        if self.buffered:  # held as decoded; reduced only if a shot samples it
+            if not self.frame_bytes:
+                self.frame_bytes = sum(plane.buffer_size for plane in av_frame.planes)
+            self.buffer.add_lazy(frame.index, frame.time, av_frame, self.frame_bytes, rgb)
+        else:
+            self.buffer.add(frame.index, frame.time, {})
         for cut in sorted(cuts):
             self.close_shot(cut, self.buffer.time_of(cut))
         sampled = self.frame_level and self.sampler.take(frame.index, frame.time)
-        pict = pict_type(frame.av_frame)
-        codec = (self.codec_stream.push(frame.av_frame, rgb, pict, sampled)
+        pict = pict_type(av_frame)
+        codec = (self.codec_stream.push(av_frame, rgb, pict, sampled)
                  if self.codec_stream is not None else {})
         if sampled:
+            if rgb is None:
+                rgb = av_frame.to_ndarray(format="rgb24")
             self.on_sampled_frame(frame, rgb, pict, codec)
         if self.progress is not None:
             self.progress.update()
+
+    def reduce(self, av_frame, rgb: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """A decoded frame's inputs to the shot-level models (and its thumbnail), by key."""
+        if rgb is None:
+            rgb = av_frame.to_ndarray(format="rgb24")
+        rotation = self.info.rotation
+        reduced = {k: prep(rgb, rotation) for k, (_, prep) in self.shot_models.items()}
+        if self.thumbnail is not None:
+            reduced[THUMBNAIL] = self.thumbnail(rgb, rotation)
+        return reduced
 
     def close_shot(self, end: int, end_time: float) -> None:
         """The open shot ends before frame ``end``: emit its clips (split when too long)."""
@@ -253,12 +305,12 @@ class VideoProducer:
             index = len(self.shots)
             for key, (clip_len, _) in self.shot_models.items():
                 pos = buffer.nearest(sample_indices(clip_len, a, b), upto=b)
-                clip = np.stack([buffer.items[p][key] for p in pos])  # (clip_len, h, w, 3)
+                clip = np.stack([buffer.get(p)[key] for p in pos])  # (clip_len, h, w, 3)
                 self._emit_model(key, index, clip)
             if self.thumbnail is not None:  # negative index: a per-shot item, not a frame
                 pos = buffer.nearest(sample_indices(1, a, b), upto=b)
                 self.emit(DirectItem(self.job.vid, -1 - index,
-                                     {THUMBNAIL: buffer.items[pos[0]][THUMBNAIL]}))
+                                     {THUMBNAIL: buffer.get(pos[0])[THUMBNAIL]}))
             self.shots.append((a, b))
             self.shot_times.append((buffer.time_of(a),
                                     buffer.time_of(b) if b != end else end_time))
@@ -296,8 +348,12 @@ class VideoProducer:
         attrs = self.info.attrs()
         attrs.update(path=self.job.relpath, decode_errors=reader.decode_errors,
                      corrupt_frames=reader.corrupt_frames)
-        fixed = {"shots": np.asarray(self.shots, dtype=np.int64).reshape(-1, 2),
-                 "shot_times": np.asarray(self.shot_times, dtype=np.float64).reshape(-1, 2)}
+        if self.audio_only:  # no frame decoded: keep the cached frame counts and duration
+            attrs = {k: v for k, v in attrs.items() if k not in DECODED_ATTRS}
+            fixed = {"shots": np.asarray(self.job.known_shots, np.int64).reshape(-1, 2)}
+        else:
+            fixed = {"shots": np.asarray(self.shots, dtype=np.int64).reshape(-1, 2),
+                     "shot_times": np.asarray(self.shot_times, dtype=np.float64).reshape(-1, 2)}
         if self.frame_level:
             fixed["frames"] = np.asarray(self.frames, dtype=np.int64)
             fixed["frame_times"] = np.asarray(self.frame_times, dtype=np.float64)
@@ -312,8 +368,9 @@ class VideoProducer:
                 fixed[name] = times
         rows = {"shot": len(self.shots), "frame": len(self.frames),
                 "audio": self.audio_examples}
+        seconds = reader.expected_duration if self.audio_only else self.info.duration_s
         return VideoDone(self.job.vid, attrs, fixed, rows, dict(self.model_items),
-                         self.direct_items)
+                         self.direct_items, float(seconds))
 
     def _emit_model(self, key: str, index: int, data: np.ndarray) -> None:
         self.emit(ModelItem(self.job.vid, key, index, data))

@@ -7,11 +7,37 @@ runs each full batch, and routes every output row to its video's :class:`VideoAs
 video whose rows are all in is handed to ``on_video`` (``vtx extract`` writes it to the cache).
 The queue bound keeps memory constant whatever the number or length of the videos.
 
+**Overlap.** Whenever the queue is empty, so that the model thread would otherwise wait for
+the decode threads, it runs a *partial* batch: the pending inputs of the model run with the
+most of them (:meth:`BatchRunner.run_partial`). The models therefore start on the first shots
+while the rest of the video is still being decoded, instead of after its last frame when a
+video has no more shots than ``batch_size``; when the models are the slower side the queue
+fills during each batch and the batches are full again.
+
+**Features do not depend on thread timing** (beyond float rounding), although the batch sizes
+and compositions do:
+
+* every model input is made in a decode thread from its video alone: which frames a shot or
+  a sampled frame gives is decided by the decoded frames (shots, sampling), never by timing;
+* every output row is routed by (video, model run, row index) carried with its input, never by
+  its position in a batch or the order in which batches ran;
+* a model maps each input to its output independently of the other inputs of the batch: the
+  backbones run in eval mode (batch norm uses its running statistics, dropout is off;
+  :class:`BatchRunner` refuses a model with a submodule in training mode), and no layer of
+  them mixes samples (convolutions, pooling, per-sample layer norm, attention within one
+  sample's tokens);
+* what batch composition can change is which kernel computes a layer (oneDNN and cuDNN pick
+  algorithms per input shape, and a batch of one may take another path than a batch of 16),
+  hence the summation order: the float rounding of the outputs, not their values.
+
+``tests/test_overlap.py`` checks this: the same inputs in batches of 1, 2, several and one,
+and the same videos extracted with full batches and with forced partial batches, give the same
+rows to float rounding.
+
 :class:`BatchRunner` is the single-threaded core (``extract_video`` drives it directly);
 :func:`run_jobs` adds the threads. ``on_batch(model_key, n_items, seconds)`` is called after
 every model batch: the public timing hook that ``bench/`` reads.
 """
-
 from __future__ import annotations
 
 import os
@@ -20,6 +46,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -91,6 +118,8 @@ class BatchRunner:
 
     def __init__(self, backbones: Mapping[str, Backbone], batch_size: int,
                  on_batch: OnBatch | None = None):
+        for key, bb in backbones.items():
+            _check_per_sample(key, bb)
         self.backbones = backbones
         self.batch_size = batch_size
         self.on_batch = on_batch
@@ -142,6 +171,16 @@ class BatchRunner:
             self.on_batch(key, len(items), time.perf_counter() - t0)
         return self._take_complete({it.vid for it in items})
 
+    def has_pending(self) -> bool:
+        """Whether any model input waits for a batch."""
+        return any(self.pending.values())
+
+    def run_partial(self) -> list[VideoAssembler]:
+        """Run the pending inputs of the model run with the most of them (ties: the first in
+        ``backbones`` order), full batch or not; returns the videos completed."""
+        key = max(self.pending, key=lambda k: len(self.pending[k]))
+        return self.run(key)
+
     def flush(self) -> list[VideoAssembler]:
         """Run every pending batch, full or not; returns the videos completed."""
         return [a for key in list(self.pending) for a in self.run(key)]
@@ -151,6 +190,29 @@ class BatchRunner:
                 if v in self.videos and self.videos[v].complete()]
 
 
+def _check_per_sample(key: str, bb) -> None:
+    """Refuse a model whose outputs could depend on the other inputs of its batch (a module
+    left in training mode: batch norm over the batch, random dropout)."""
+    model = getattr(bb, "model", None)
+    if isinstance(model, torch.nn.Module):
+        training = [name or type(model).__name__ for name, m in model.named_modules()
+                    if m.training]
+        if training:
+            raise ValueError(f"model run {key!r} has modules in training mode "
+                             f"({', '.join(training[:3])}); its outputs would depend on the "
+                             f"batch. Call .eval() on it (load_backbones does) before batching")
+
+
+class JobSkipped(Exception):
+    """Raised by ``produce`` before emitting anything: the job is dropped, not failed (another
+    worker of a shared cache has the video)."""
+
+
+class _Skipped(NamedTuple):
+    vid: int
+    reason: str
+
+
 Produce = Callable[[VideoJob, Callable[[object], None], object], None]
 """``produce(job, emit, bar)``: run one video's producer in a decode thread; ``bar`` is the
 thread's frame bar (:func:`vtx.progress.progress`, silent outside a terminal)."""
@@ -158,7 +220,9 @@ thread's frame bar (:func:`vtx.progress.progress`, silent outside a terminal).""
 
 def run_jobs(jobs: Sequence[VideoJob], runner: BatchRunner, produce: Produce, *,
              workers: int, on_video: Callable[[VideoAssembler], None],
-             on_failure: Callable[[VideoJob, str], None], progress: bool = True) -> None:
+             on_failure: Callable[[VideoJob, str], None], progress: bool = True,
+             partial_batches: bool = True,
+             on_skip: Callable[[VideoJob, str], None] | None = None) -> None:
     """Produce every job in ``workers`` decode threads and batch their model inputs here.
 
     Args:
@@ -169,8 +233,13 @@ def run_jobs(jobs: Sequence[VideoJob], runner: BatchRunner, produce: Produce, *,
         workers: decode threads.
         on_video: receives each complete video, in this thread.
         on_failure: receives each failed video and the reason, in this thread.
+        on_skip: receives each video whose ``produce`` raised :class:`JobSkipped` (another
+            worker has it), in this thread.
         progress: show progress (:mod:`vtx.progress`): on a terminal a bar for the videos and
             one per decode thread; in a log a line every few seconds.
+        partial_batches: run a partial batch whenever the queue is empty and inputs are
+            pending, rather than wait for the decode threads (see the module docstring); with
+            False only full batches run until every video is decoded.
     """
     q: queue.Queue = queue.Queue(maxsize=max(8, 4 * runner.batch_size))
     job_q: queue.Queue = queue.Queue()
@@ -191,6 +260,8 @@ def run_jobs(jobs: Sequence[VideoJob], runner: BatchRunner, produce: Produce, *,
                     break
                 try:
                     produce(job, q.put, bar)
+                except JobSkipped as e:
+                    q.put(_Skipped(job.vid, str(e)))
                 except VideoError as e:
                     q.put(VideoFailed(job.vid, str(e)))
                 except Exception as e:  # a bug or an unexpected file: never cost other videos
@@ -215,12 +286,23 @@ def run_jobs(jobs: Sequence[VideoJob], runner: BatchRunner, produce: Produce, *,
     active = n_workers
     try:
         while active:
-            msg = q.get()
+            try:
+                msg = q.get_nowait()
+            except queue.Empty:
+                if partial_batches and runner.has_pending():
+                    finished(runner.run_partial())  # rather than wait for the decode threads
+                    continue
+                msg = q.get()
             if msg is worker_exit:
                 active -= 1
             elif isinstance(msg, VideoFailed):
                 job = runner.fail(msg.vid).job
                 on_failure(job, " ".join(msg.reason.split()))
+                bar.update()
+            elif isinstance(msg, _Skipped):
+                job = runner.fail(msg.vid).job
+                if on_skip is not None:
+                    on_skip(job, msg.reason)
                 bar.update()
             else:
                 finished(runner.put(msg))

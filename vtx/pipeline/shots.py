@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 
@@ -161,8 +162,13 @@ def split_shot(start: int, end: int, start_time: float, end_time: float,
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
+LAZY_BYTES = 256 << 20
+"""Most bytes of decoded frames a :class:`ShotBuffer` holds unreduced (per decode thread)."""
+
+
 class ShotBuffer:
-    """Frames of the current shot, reduced to model input sizes, in bounded memory.
+    """Frames of the current shot, for the model inputs its sampled frames give, in bounded
+    memory.
 
     Every frame is kept while the shot is short. Beyond ``capacity`` frames, every other frame
     older than ``lookback`` frames is dropped (the kept frames stay evenly spaced), so memory
@@ -170,26 +176,69 @@ class ShotBuffer:
     kept frame: exact for shots of up to ``capacity`` frames, and off by at most half the
     current spacing beyond that.
 
+    A frame is held either reduced (:meth:`add`: a dict of model-input arrays) or as decoded
+    (:meth:`add_lazy`), and then reduced by ``reduce`` only when a shot samples it
+    (:meth:`get`): which frames a shot samples is known only once the shot ends, and any frame
+    can still become a sampled one when it arrives, so reducing on arrival reduces every frame.
+    Decoded frames are held up to ``lazy_bytes``; a frame that would exceed it is reduced at
+    once. Which frames are kept, and so sampled, does not depend on how they are held.
+
     Args:
         capacity: most frames held at once.
         lookback: the most recent frames are never dropped (cuts may be reported late).
+        reduce: ``reduce(frame, rgb)``: a decoded frame's model-input arrays (``rgb`` its
+            RGB array when already at hand, else None).
+        lazy_bytes: most bytes of decoded frames held unreduced.
     """
 
-    def __init__(self, capacity: int = 300, lookback: int = 64):
+    def __init__(self, capacity: int = 300, lookback: int = 64,
+                 reduce: Callable[[object, np.ndarray | None], dict] | None = None,
+                 lazy_bytes: int = LAZY_BYTES):
         if capacity < 2 * lookback + 2:
             raise ValueError("capacity must exceed twice the lookback")
         self.capacity = capacity
         self.lookback = lookback
+        self.reduce = reduce
+        self.lazy_bytes = lazy_bytes
         self.index: list[int] = []
         self.time: list[float] = []
-        self.items: list[dict[str, np.ndarray]] = []
+        self.items: list = []  # reduced arrays (a dict), or a decoded frame not reduced yet
+        self.nbytes: list[int] = []  # bytes of each unreduced frame, 0 once reduced
+        self.lazy = 0  # bytes of the unreduced frames held
+        self.reduced = 0  # frames reduced so far (on arrival or when sampled)
         # Times of every frame of the open shot (8 bytes each) give exact split boundaries.
         self._times: dict[int, float] = {}
 
     def add(self, index: int, time: float, item: dict[str, np.ndarray]) -> None:
+        """Hold a frame already reduced (``item``: its model-input arrays)."""
+        self._append(index, time, item, 0)
+
+    def add_lazy(self, index: int, time: float, frame, nbytes: int,
+                 rgb: np.ndarray | None = None) -> None:
+        """Hold a decoded ``frame`` of ``nbytes`` bytes, to reduce only if a shot samples it;
+        reduced at once (from ``rgb`` when given) if it would exceed ``lazy_bytes``."""
+        if self.lazy + nbytes > self.lazy_bytes:
+            self.reduced += 1
+            self._append(index, time, self.reduce(frame, rgb), 0)
+        else:
+            self._append(index, time, frame, nbytes)
+
+    def get(self, pos: int) -> dict[str, np.ndarray]:
+        """The reduced arrays of the frame at buffer position ``pos`` (reducing it now if it
+        was held as decoded)."""
+        if self.nbytes[pos]:
+            self.items[pos] = self.reduce(self.items[pos], None)
+            self.lazy -= self.nbytes[pos]
+            self.nbytes[pos] = 0
+            self.reduced += 1
+        return self.items[pos]
+
+    def _append(self, index: int, time: float, item, nbytes: int) -> None:
         self.index.append(index)
         self.time.append(time)
         self.items.append(item)
+        self.nbytes.append(nbytes)
+        self.lazy += nbytes
         self._times[index] = time
         if len(self.index) > self.capacity:
             self._decimate()
@@ -201,6 +250,8 @@ class ShotBuffer:
         self.index = [self.index[k] for k in keep]
         self.time = [self.time[k] for k in keep]
         self.items = [self.items[k] for k in keep]
+        self.nbytes = [self.nbytes[k] for k in keep]
+        self.lazy = sum(self.nbytes)
 
     def time_of(self, index: int) -> float:
         return self._times[index]
@@ -219,6 +270,7 @@ class ShotBuffer:
         k = 0
         while k < len(self.index) and self.index[k] < upto:
             k += 1
-        del self.index[:k], self.time[:k], self.items[:k]
+        del self.index[:k], self.time[:k], self.items[:k], self.nbytes[:k]
+        self.lazy = sum(self.nbytes)
         for i in [i for i in self._times if i < upto]:
             del self._times[i]

@@ -39,6 +39,7 @@ class PredictConfig:
     videos: tuple[Path, ...]
     model: Path
     device: str = "auto"
+    precision: str = "auto"  # backbone precision, as vtx extract --precision
     top_k: int = 5
     explain: Path | None = None
     weights_dir: Path | None = None
@@ -116,7 +117,7 @@ def predict(config: PredictConfig, log: Callable[[str], None] | None = None) -> 
     backbones = {}
     for (weights, pca, full_frame), specs in groups.items():
         backbones.update(load_backbones(specs, weights, config.weights_dir, device, pca=pca,
-                                        full_frame=full_frame))
+                                        full_frame=full_frame, precision=config.precision))
     shot_json, frame_json = ckpt.get("shot_config"), ckpt.get("frame_config")
     shot_config = ShotConfig(**json.loads(shot_json)) if shot_json else ShotConfig()
     settings = FrameSettings(FrameSampling(**json.loads(frame_json)) if frame_json

@@ -1,0 +1,103 @@
+"""A lighter decode thread: frames are reduced to model inputs only when a shot samples them.
+
+The shot buffer holds decoded frames and reduces only the sampled ones (``ShotBuffer.get``);
+``lazy_bytes=0`` reduces every frame on arrival, as vtx did before. The model inputs must be
+identical, bit for bit, whatever the budget.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vtx.features import FEATURES, weights_member
+from vtx.io.synth import Shot, write_video
+from vtx.pipeline import shots as shots_mod
+from vtx.pipeline.backbones import FramePrep, ThumbnailPrep
+from vtx.pipeline.producer import DirectItem, ModelItem, VideoDone, VideoJob, VideoProducer
+from vtx.pipeline.shots import ShotConfig
+
+SPECS = (FEATURES["resnet18"], FEATURES["r2plus1d"])
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    """Three shots, the middle one longer than the buffer's capacity below (decimation)."""
+    path = tmp_path_factory.mktemp("lazy") / "v.mp4"
+    write_video(path, [Shot(20, 0, (2, 0)), Shot(170, 3, (1, 1)), Shot(26, 5, (0, 2))],
+                size=(112, 64), fps=25)
+    return path
+
+
+def preps() -> dict[str, FramePrep]:
+    return {s.model_key: FramePrep(weights_member(s.builder, s.weights).transforms())
+            for s in SPECS}
+
+
+def produce(path, lazy_bytes: int, known_shots=None, thumbnails: bool = True):
+    """Every message of one producer run, and the producer (for its buffer's counters)."""
+    msgs: list = []
+    job = VideoJob(0, path, path.name, path.name, SPECS, replace=known_shots is None,
+                   known_shots=known_shots)
+    p = VideoProducer(job, preps(), ShotConfig(), msgs.append,
+                      thumbnail=ThumbnailPrep() if thumbnails else None, capacity=140,
+                      lazy_bytes=lazy_bytes)
+    p.run()
+    return msgs, p
+
+
+def inputs(msgs) -> dict:
+    return {(m.model, m.index): m.data for m in msgs if isinstance(m, ModelItem)}
+
+
+def thumbs(msgs) -> dict:
+    return {m.index: m.data for m in msgs if isinstance(m, DirectItem)}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert isinstance(a[k], np.ndarray) or isinstance(a[k], dict)
+        if isinstance(a[k], dict):
+            assert_same(a[k], b[k])
+        else:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
+
+
+def test_lazy_reduction_gives_the_same_inputs_and_reduces_only_sampled_frames(video):
+    eager, pe = produce(video, lazy_bytes=0)
+    done = eager[-1]
+    assert isinstance(done, VideoDone) and done.rows["shot"] == 3
+    n_frames = done.attrs["n_frames"]
+    assert pe.buffer.reduced == n_frames  # before: every frame, for every model
+    frame_bytes = 112 * 64 * 3 // 2
+    for budget in (shots_mod.LAZY_BYTES, 7 * frame_bytes):  # all held, or 7 held at a time
+        lazy, pl = produce(video, lazy_bytes=budget)
+        assert_same(inputs(lazy), inputs(eager))
+        assert_same(thumbs(lazy), thumbs(eager))
+        np.testing.assert_array_equal(lazy[-1].fixed["shots"], done.fixed["shots"])
+        assert pl.buffer.lazy <= budget
+        if budget == shots_mod.LAZY_BYTES:  # at most the centre frame and 12 clip frames a shot
+            assert pl.buffer.reduced <= 3 * 13
+        else:
+            assert pl.buffer.reduced < n_frames
+
+
+def test_resume_converts_no_frame_it_does_not_sample(video, monkeypatch):
+    """With the shots known (resume) and no codec residuals, no frame needs its RGB array
+    unless a shot samples it: the detector's replacement is never given one."""
+    first, _ = produce(video, lazy_bytes=0, thumbnails=False)
+    shots = first[-1].fixed["shots"]
+    given = []
+    real_push = shots_mod.KnownShots.push
+
+    def push(self, index, pts, time_base, rgb):
+        given.append(rgb is not None)
+        return real_push(self, index, pts, time_base, rgb)
+
+    monkeypatch.setattr(shots_mod.KnownShots, "push", push)
+    resumed, p = produce(video, lazy_bytes=shots_mod.LAZY_BYTES, known_shots=shots,
+                         thumbnails=False)
+    assert given and not any(given)
+    assert p.buffer.reduced <= 3 * 13
+    assert_same(inputs(resumed), inputs(first))

@@ -1,0 +1,153 @@
+"""Overlap of decoding and models: partial batches change the batches, never the features.
+
+The runner runs a partial batch whenever its queue is empty (``vtx/pipeline/runner.py``), so
+batch sizes and compositions depend on thread timing. These tests check what the runner's
+docstring promises: a row depends on its own input only, to float rounding, whatever batch it
+ran in.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from vtx.features import FEATURES
+from vtx.pipeline.backbones import load_backbones
+from vtx.io.cache import video_key
+from vtx.pipeline.extract import discover_videos
+from vtx.pipeline.producer import ModelItem, VideoDone, VideoJob, VideoProducer
+from vtx.pipeline.runner import BatchRunner, run_jobs
+from vtx.pipeline.shots import ShotConfig
+
+FEATURE_NAMES = ("resnet18", "r2plus1d", "vggish")
+
+
+@pytest.fixture(scope="module")
+def backbones():
+    specs = [FEATURES[n] for n in FEATURE_NAMES]
+    return load_backbones(specs, "random", device="cpu")
+
+
+def close(a: np.ndarray, b: np.ndarray) -> None:
+    """Equal to float32 rounding of a forward pass (a few ulps of the rows' scale)."""
+    assert a.shape == b.shape
+    scale = max(float(np.abs(a).max()), 1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def inputs(bb, n: int, rng) -> list[np.ndarray]:
+    if bb.kind == "audio":
+        return [rng.normal(size=(96, 64)).astype(np.float32) for _ in range(n)]
+    h, w = bb.prep.crop_size
+    return [rng.integers(0, 256, (bb.clip_len, h, w, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def rows_in_batches(bb, items: list[np.ndarray], batch_size: int, eager_after: int | None = None
+                    ) -> tuple[np.ndarray, list[int]]:
+    """The rows of ``items`` run through a BatchRunner in batches of ``batch_size``; with
+    ``eager_after`` a partial batch also runs after every that many items (as when the queue
+    runs dry). Returns the rows (n, dim) and the batch sizes that ran."""
+    sizes: list[int] = []
+    runner = BatchRunner({bb.key: bb}, batch_size, on_batch=lambda k, n, s: sizes.append(n))
+    job = VideoJob(0, None, "x", "x", bb.specs, replace=True)
+    a = runner.open(job)
+    for i, x in enumerate(items):
+        runner.put(ModelItem(0, bb.key, i, x))
+        if eager_after and (i + 1) % eager_after == 0 and runner.has_pending():
+            runner.run_partial()
+    n = len(items)
+    runner.put(VideoDone(0, {}, {}, {bb.level: n}, {bb.key: n}, 0))
+    runner.flush()
+    assert a.complete()
+    return a.arrays()[bb.features[0]], sizes
+
+
+@pytest.mark.parametrize("name", FEATURE_NAMES)
+def test_rows_do_not_depend_on_the_batch(backbones, name):
+    bb = backbones[FEATURES[name].model_key]
+    n = 3 if name == "r2plus1d" else 7  # R(2+1)D is slow on CPU: fewer, the same checks
+    items = inputs(bb, n, np.random.default_rng(0))
+    one_batch, sizes = rows_in_batches(bb, items, batch_size=n)
+    assert sizes == [n]
+    rows, sizes = rows_in_batches(bb, items, batch_size=1)
+    assert sizes == [1] * n
+    close(rows, one_batch)
+    # full batches of 2 with a partial one after every 3rd item (the queue ran dry): 2, 1, ...
+    rows, sizes = rows_in_batches(bb, items[::-1], batch_size=2, eager_after=3)
+    assert sum(sizes) == n and sizes[:2] == [2, 1]
+    close(rows[::-1], one_batch)  # other neighbours, other batch sizes: the same rows
+
+
+def test_training_mode_is_refused(backbones):
+    bb = backbones[FEATURES["resnet18"].model_key]
+    bb.model.train()
+    try:
+        with pytest.raises(ValueError, match="training mode.*eval"):
+            BatchRunner({bb.key: bb}, 4)
+    finally:
+        bb.model.eval()
+
+
+def extract_rows(synth_dir, backbones, *, partial: bool):
+    """Two videos of ``synth_dir`` (4 shots) through run_jobs (real producers, one decode
+    thread). With ``partial`` the producer waits after each model input until a batch has
+    taken it, so the queue runs dry at every input: the runner must run a partial batch (of
+    one) each time, or the run would stall. Returns ({relpath: arrays}, batch sizes per model,
+    and, per video, whether every batch of its inputs ran before its VideoDone was emitted)."""
+    specs = tuple(FEATURES[n] for n in ("resnet18", "r2plus1d"))
+    bbs = {s.model_key: backbones[s.model_key] for s in specs}
+    preps = {k: bb.prep for k, bb in bbs.items()}
+    jobs = [VideoJob(i, v.path, v.relpath, video_key(v.relpath), specs, replace=True)
+            for i, v in enumerate(discover_videos(synth_dir))
+            if v.relpath in ("a.mp4", "c.mp4")]  # 4 shots: R(2+1)D is slow on CPU
+    sizes: dict[str, list[int]] = {k: [] for k in bbs}
+    ran = threading.Condition()
+    count = {"emitted": 0, "batched": 0}
+    before_done: dict[str, bool] = {}
+
+    def on_batch(key, n, s):
+        sizes[key].append(n)
+        with ran:
+            count["batched"] += n
+            ran.notify_all()
+
+    def produce(job, emit, bar):
+        def waiting_emit(msg):
+            emit(msg)
+            if isinstance(msg, ModelItem) and partial:
+                count["emitted"] += 1
+                with ran:  # the model thread has nothing else to do: it must run it now
+                    assert ran.wait_for(lambda: count["batched"] >= count["emitted"], 60)
+            elif isinstance(msg, VideoDone):
+                before_done[job.relpath] = count["batched"] == count["emitted"]
+        VideoProducer(job, preps, ShotConfig(), waiting_emit).run()
+
+    out, failures = {}, []
+    runner = BatchRunner(bbs, batch_size=16, on_batch=on_batch)
+    run_jobs(jobs, runner, produce, workers=1, progress=False, partial_batches=partial,
+             on_video=lambda a: out.__setitem__(a.job.relpath, a.arrays()),
+             on_failure=lambda job, reason: failures.append((job.relpath, reason)))
+    assert not failures
+    return out, sizes, before_done
+
+
+def test_partial_batches_overlap_decoding_and_keep_the_features(synth_dir, backbones):
+    full, full_sizes, _ = extract_rows(synth_dir, backbones, partial=False)
+    eager, eager_sizes, before_done = extract_rows(synth_dir, backbones, partial=True)
+    n_shots = sum(len(v["shots"]) for v in full.values())
+    assert n_shots == 4  # < 16: without partial batches each model runs once, after decoding
+    assert all(s == [n_shots] for s in full_sizes.values())
+    # with them, every input ran in a batch of its own while its video was being decoded
+    assert all(s == [1] * n_shots for s in eager_sizes.values()), eager_sizes
+    assert before_done == {"a.mp4": True, "c.mp4": True}
+    assert full.keys() == eager.keys()
+    for rel, arrays in full.items():
+        assert arrays.keys() == eager[rel].keys()
+        for name, arr in arrays.items():
+            if arr.dtype.kind == "f" and name not in ("shot_times",):
+                close(eager[rel][name], arr)
+            else:
+                np.testing.assert_array_equal(eager[rel][name], arr)
+
