@@ -52,19 +52,29 @@ def shot_plan(seconds: float, fps: int = FPS, seed: int = SEED) -> list:
 
 
 def make_video(path: Path, seconds: float, size: tuple[int, int] = SIZE,
-               log=None) -> dict:
+               log=None, audio: bool = False) -> dict:
     """Write the benchmark video of ``seconds`` to ``path`` (reused when already there).
+
+    With ``audio``, the video gets an AAC track (48 kHz stereo, ``write_video``'s default) that
+    plays a tone per shot, 220 to 1100 Hz (``tone_hz = 220 * (1 + i % 5)``, as
+    ``feature_costs.py``).
 
     Returns a small description: path, seconds, size, fps, frames, shots, generation time.
     """
+    from dataclasses import replace
+
     from vtx.io.synth import write_video
 
     path = Path(path)
     shots = shot_plan(seconds)
+    if audio:
+        shots = [replace(s, tone_hz=220.0 * (1 + i % 5)) for i, s in enumerate(shots)]
     meta_path = path.with_suffix(path.suffix + ".json")
     desc = {"path": str(path), "seconds": seconds, "size": list(size), "fps": FPS,
             "frames": sum(s.n_frames for s in shots), "shots": len(shots),
             "shot_len_s": [MIN_SHOT_S, MAX_SHOT_S], "seed": SEED}
+    if audio:  # only then, so that the descriptions of videos made before stay valid
+        desc["audio"] = "aac 48000 Hz stereo, a tone per shot"
     if path.exists() and meta_path.exists():
         old = json.loads(meta_path.read_text())
         if {k: old.get(k) for k in desc} == desc:
@@ -74,7 +84,7 @@ def make_video(path: Path, seconds: float, size: tuple[int, int] = SIZE,
     t0 = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".part" + path.suffix)
-    write_video(tmp, shots, size=size, fps=FPS, seed=SEED)
+    write_video(tmp, shots, size=size, fps=FPS, seed=SEED, audio=audio)
     tmp.replace(path)
     desc["generate_s"] = round(time.perf_counter() - t0, 2)
     meta_path.write_text(json.dumps(desc))

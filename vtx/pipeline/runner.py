@@ -7,12 +7,15 @@ runs each full batch, and routes every output row to its video's :class:`VideoAs
 video whose rows are all in is handed to ``on_video`` (``vtx extract`` writes it to the cache).
 The queue bound keeps memory constant whatever the number or length of the videos.
 
-**Overlap.** Whenever the queue is empty, so that the model thread would otherwise wait for
-the decode threads, it runs a *partial* batch: the pending inputs of the model run with the
-most of them (:meth:`BatchRunner.run_partial`). The models therefore start on the first shots
-while the rest of the video is still being decoded, instead of after its last frame when a
-video has no more shots than ``batch_size``; when the models are the slower side the queue
-fills during each batch and the batches are full again.
+**Overlap.** Whenever the queue stays empty for :data:`PARTIAL_WAIT_S`, so that the model
+thread would otherwise wait for the decode threads, it runs a *partial* batch: the pending
+inputs of the model run with the most of them (:meth:`BatchRunner.run_partial`). The models
+therefore start on the first shots while the rest of the video is still being decoded,
+instead of after its last frame when a video has no more shots than ``batch_size``; when the
+models are the slower side the queue fills during each batch and the batches are full again.
+(Running a partial batch at once, without the short wait, ran a decode-bound video's VGGish
+examples one at a time: 187 batches of one, 8.8 s of model time instead of 0.5 s;
+docs/BENCHMARKS.md, "Issue 13: targets".)
 
 **Features do not depend on thread timing** (beyond float rounding), although the batch sizes
 and compositions do:
@@ -61,6 +64,11 @@ OnBatch = Callable[[str, int, float], None]
 copy to the device, the forward pass and the copy back included)."""
 
 INCOMPLETE = "internal error: the video's features were not all computed"
+
+PARTIAL_WAIT_S = 0.25
+"""How long the model thread waits on an empty queue, with inputs pending, before it runs a
+partial batch. Inputs that keep arriving within it (VGGish examples of a decode-bound video)
+fill batches instead of running one at a time."""
 
 
 class VideoAssembler:
@@ -290,9 +298,13 @@ def run_jobs(jobs: Sequence[VideoJob], runner: BatchRunner, produce: Produce, *,
                 msg = q.get_nowait()
             except queue.Empty:
                 if partial_batches and runner.has_pending():
-                    finished(runner.run_partial())  # rather than wait for the decode threads
-                    continue
-                msg = q.get()
+                    try:  # inputs arriving steadily fill the batch (no batches of one)
+                        msg = q.get(timeout=PARTIAL_WAIT_S)
+                    except queue.Empty:  # the decode threads are the slower side: run now
+                        finished(runner.run_partial())
+                        continue
+                else:
+                    msg = q.get()
             if msg is worker_exit:
                 active -= 1
             elif isinstance(msg, VideoFailed):
