@@ -61,7 +61,8 @@ from vtx.io import index
 from vtx.io.claims import claim_name
 from vtx.io.reader import DAMAGE_ERRORS, damage_reason, guard, key_path
 from vtx.io.space import (create_reserved, free_bytes, fsync_dir, fsync_file, human,
-                          is_disk_full, is_read_only, reserve, writable_reason)
+                          is_disk_full, is_read_only, replaced_atomically, reserve,
+                          writable_reason)
 
 VIDEOS = "videos"
 FAILURES = "failures"
@@ -592,23 +593,18 @@ class CacheWriter:
             raise DiskFull(self._merge_full(len(pending), need, free))
         patch = (exists and base is None and not renamed and old is not None
                  and index.patchable(self.path, n))
+        full = lambda: self._merge_full(len(pending), need, free_bytes(self.path.parent))  # noqa: E731
         try:
-            if patch:  # a byte copy of the index, with only the changed links redone
-                shutil.copyfile(self.path, self._merge_tmp)
-                reserve(self._merge_tmp, need)
-            else:
-                create_reserved(self._merge_tmp, need)
-            index.write_index(self._merge_tmp, self.parts.name, root, videos, failures,
-                              old=old if patch else None)
-            fsync_file(self._merge_tmp)
-            os.replace(self._merge_tmp, self.path)
-            fsync_dir(self.path.parent)
-        except BaseException as e:
-            self._merge_tmp.unlink(missing_ok=True)
+            with replaced_atomically(self._merge_tmp, self.path, full):
+                if patch:  # a byte copy of the index, with only the changed links redone
+                    shutil.copyfile(self.path, self._merge_tmp)
+                    reserve(self._merge_tmp, need)
+                else:
+                    create_reserved(self._merge_tmp, need)
+                index.write_index(self._merge_tmp, self.parts.name, root, videos, failures,
+                                  old=old if patch else None)
+        except BaseException:
             self._drop_base(base)
-            if is_disk_full(e):
-                raise DiskFull(self._merge_full(len(pending), need,
-                                                free_bytes(self.path.parent))) from e
             raise
         linked = {e.file for e in (*videos.values(), *failures.values())}
         for name in (before | {p.name for p in pending}) - linked:
@@ -822,7 +818,10 @@ def compact_cache(path: str | os.PathLike, out: str | os.PathLike | None = None,
                            f"{path} writes one file of about {human(need)}, and {human(free)} "
                            f"is free. Nothing was changed. Free at least "
                            f"{human(need - free)} more there, or pass --out on a bigger disk")
-        try:
+        full = lambda: (f"no space left on the device of {target.parent} while "  # noqa: E731
+                        f"compacting {path}. Nothing was changed; free space (about "
+                        f"{human(need)} in all) and run vtx compact again")
+        with replaced_atomically(tmp, target, full):
             create_reserved(tmp, need)
             with h5py.File(path, "r") as src, h5py.File(tmp, "r+") as dst:
                 with guard(path, where="the root attributes (the cache's settings)"):
@@ -835,16 +834,6 @@ def compact_cache(path: str | os.PathLike, out: str | os.PathLike | None = None,
                                             unit="video", enabled=progress and group == VIDEOS):
                         with guard(path, key):
                             src.copy(src[group][key], g, name=key)
-            fsync_file(tmp)
-            os.replace(tmp, target)
-            fsync_dir(target.parent)
-        except BaseException as e:
-            tmp.unlink(missing_ok=True)
-            if is_disk_full(e):
-                raise DiskFull(f"no space left on the device of {target.parent} while "
-                               f"compacting {path}. Nothing was changed; free space (about "
-                               f"{human(need)} in all) and run vtx compact again") from e
-            raise
         if out is None:
             for f in files:
                 (w.parts / f).unlink(missing_ok=True)

@@ -34,8 +34,8 @@ from vtx.features import dataset_spec
 from vtx.io import index
 from vtx.io.cache import FAILURES, VIDEOS, CacheLock
 from vtx.io.reader import DAMAGE_ERRORS, CacheNotFoundError, damage_reason, key_path
-from vtx.io.space import (create_reserved, free_bytes, fsync_dir, fsync_file, human,
-                          is_disk_full, is_read_only, writable_reason)
+from vtx.io.space import (create_reserved, free_bytes, human, is_read_only,
+                          replaced_atomically, writable_reason)
 from vtx.progress import progress as progress_bar
 
 __all__ = ["CheckReport", "VideoDamage", "check_cache", "repair_cache"]
@@ -321,7 +321,8 @@ def _rewrite(path: Path, report: CheckReport) -> None:
     tmp = path.with_name(path.name + ".repair-tmp")
     tmp.unlink(missing_ok=True)
     damaged = {v.key for v in report.damaged}
-    try:
+    with replaced_atomically(tmp, path, lambda: _full_message(path, need,
+                                                              free_bytes(path.parent))):
         with h5py.File(path, "r") as src:
             keys = [k for k in sorted(src[VIDEOS]) if k not in damaged] if VIDEOS in src else []
             root, rebuilt = _root_attrs(src, report, keys)
@@ -334,14 +335,6 @@ def _rewrite(path: Path, report: CheckReport) -> None:
                     for key in sorted(src[FAILURES]):
                         if key not in report.failures_damaged:
                             src.copy(src[FAILURES][key], failures, name=key)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if is_disk_full(e):
-            raise DiskFull(_full_message(path, need, free_bytes(path.parent))) from e
-        raise
     report.removed = sorted(damaged)
     report.rebuilt = rebuilt
     report.repaired = True
@@ -366,17 +359,10 @@ def _rewrite_index(path: Path, report: CheckReport) -> None:
     free = free_bytes(path.parent)
     if free < need:
         raise DiskFull(_full_message(path, need, free))
-    try:
+    with replaced_atomically(tmp, path, lambda: _full_message(path, need,
+                                                              free_bytes(path.parent))):
         create_reserved(tmp, need)
         index.write_index(tmp, parts.name, root, keep, failures)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if is_disk_full(e):
-            raise DiskFull(_full_message(path, need, free_bytes(path.parent))) from e
-        raise
     linked = {e.file for e in (*keep.values(), *failures.values())}
     for e in videos.values():
         if e.file and e.file not in linked:

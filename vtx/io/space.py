@@ -22,6 +22,8 @@ import errno
 import io
 import os
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -171,4 +173,24 @@ def create_reserved(path: str | os.PathLike, size: int, attrs: dict | None = Non
         reserve(path, len(image) + size)
     except BaseException:
         path.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def replaced_atomically(tmp: Path, target: Path, full: Callable[[], str]) -> Iterator[None]:
+    """Write ``tmp`` inside the block; then fsync it, rename it over ``target`` and fsync the
+    folder. On any error ``tmp`` is removed and ``target`` is untouched; a full disk raises
+    :class:`vtx.errors.DiskFull` with the message ``full()`` (called then, so that it can
+    report the space free at that moment)."""
+    from vtx.errors import DiskFull
+
+    try:
+        yield
+        fsync_file(tmp)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise DiskFull(full()) from e
         raise
