@@ -4,10 +4,14 @@ CPU-seconds of this process (``time.process_time``: FFmpeg's decoder threads inc
 less sensitive than wall times to other processes on a shared machine. Four measurements:
 
 per-frame
-    Per decoded frame, on the video's first 40 frames: the RGB conversion
-    (``to_ndarray(format="rgb24")``), each shot-level model's ``FramePrep`` (resize and crop to
-    the model input, exactly the weights' transform) and the shot detector
-    (``ShotDetector.push``: downscale, BGR, PySceneDetect's detector).
+    Per decoded frame, on the video's first 40 frames: the RGB conversion with a new swscale
+    context per frame (``to_ndarray(format="rgb24")``, each frame's first) and with one for all
+    (:class:`vtx.io.decode.RgbConverter`), each shot-level model's ``FramePrep`` (resize and crop
+    to the model input, exactly the weights' transform), the detector's input full-size
+    (convert, then OpenCV's ``INTER_LINEAR``) and as vtx builds it
+    (:class:`vtx.pipeline.shots.DetectorInput`: only the sampled pixels where the factor is an
+    odd integer; ``detector_input_sampled`` says whether it was), and PySceneDetect's detector
+    alone on the small BGR frames.
 producer
     ``VideoProducer`` (resnet18 + r2plus1d, output dropped) with ``lazy_bytes=0`` (every frame
     reduced on arrival for every model, as before issue 13) and with the default budget (only
@@ -41,9 +45,12 @@ from pathlib import Path
 def per_frame(path: Path, n: int = 40) -> dict[str, float]:
     """CPU milliseconds per frame of each per-frame step."""
     from vtx.features import FEATURES, weights_member
-    from vtx.io.decode import VideoReader
+    import cv2
+    from scenedetect.common import FrameTimecode
+
+    from vtx.io.decode import RgbConverter, VideoReader
     from vtx.pipeline.backbones import FramePrep
-    from vtx.pipeline.shots import ShotConfig, ShotDetector
+    from vtx.pipeline.shots import DetectorInput, ShotConfig, ShotDetector, make_detector
 
     with VideoReader(path) as r:
         frames = [f.av_frame for _, f in zip(range(n), r.frames())]
@@ -56,13 +63,23 @@ def per_frame(path: Path, n: int = 40) -> dict[str, float]:
             fn(i)
         return (time.process_time() - c) / n * 1e3
 
-    rgb = [f.to_ndarray(format="rgb24") for f in frames]
-    out = {"rgb24": ms(lambda i: frames[i].to_ndarray(format="rgb24"))}
+    # first: each frame's first conversion, so that its own reformatter is new (as in a run)
+    out = {"rgb24_to_ndarray": ms(lambda i: frames[i].to_ndarray(format="rgb24"))}
+    convert = RgbConverter()
+    out["rgb24_one_context"] = ms(lambda i: convert(frames[i]))
+    rgb = [convert(f) for f in frames]
     for name in ("resnet18", "r2plus1d"):
         spec = FEATURES[name]
         prep = FramePrep(weights_member(spec.builder, spec.weights).transforms())
         out[f"{name}_prep"] = ms(lambda i: prep(rgb[i]))
-    out["detector"] = ms(lambda i: det.push(i, None, 1, rgb[i]))
+    full = DetectorInput(det.input.frame_size, det.size, convert)
+    out["detector_input_full"] = ms(lambda i: full(frames[i]))  # convert, then INTER_LINEAR
+    out["detector_input"] = ms(lambda i: det.input(frames[i]))  # sampled where it can
+    out["detector_input_sampled"] = det.input.step is not None and det.input.exact
+    small = [cv2.cvtColor(full(f), cv2.COLOR_RGB2BGR) for f in frames]
+    alone = make_detector(ShotConfig())
+    times = [FrameTimecode(i, fps=det.frame_rate) for i in range(n)]
+    out["detector_alone"] = ms(lambda i: alone.process_frame(times[i], small[i]))
     return out
 
 
@@ -131,7 +148,7 @@ def scaler(path: Path) -> dict:
             c0 = time.process_time()
             for f in r.frames():
                 if mode == "exact":
-                    cuts += det.push(f.index, f.pts, f.time_base,
+                    cuts += det.push(f.index, f.pts, f.time_base, f.av_frame,
                                      f.av_frame.to_ndarray(format="rgb24"))
                     continue
                 bgr = f.av_frame.reformat(width=w, height=h, format="bgr24",

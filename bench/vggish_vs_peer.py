@@ -160,7 +160,12 @@ def run_child(cmd: list[str], cwd: Path | None = None, env: dict | None = None) 
     return {"wall_s": wall, "cpu_s": cpu, "foreign_cpu_s": fc.seconds, "stdout": proc.stdout}
 
 
+VTX_CMD: list[str] | None = None  # --vtx-cmd
+
+
 def vtx_cmd() -> list[str]:
+    if VTX_CMD:
+        return list(VTX_CMD)
     exe = Path(sys.executable).parent / "vtx"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "vtx.cli.main"]
 
@@ -235,10 +240,18 @@ def main(argv: list[str] | None = None) -> dict | None:
                         "video_features package, else the peer's steps]")
     p.add_argument("--no-ffmpeg", action="store_true",
                    help="peer's steps: decode the audio with PyAV even if ffmpeg is on PATH")
+    p.add_argument("--vtx-cmd", default=None, metavar="CMD",
+                   help="the vtx command to time, split like a shell would (to compare another "
+                        "checkout) [default: this environment's vtx]")
     p.add_argument("--skip-fresh", action="store_true", help="leave out the fresh-cache runs")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--peer-steps", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.vtx_cmd:
+        global VTX_CMD
+        import shlex
+
+        VTX_CMD = shlex.split(args.vtx_cmd)
 
     if args.peer_steps is not None:  # child: the peer's steps on one video
         print(json.dumps(peer_steps(args.peer_steps, args.workdir, not args.no_ffmpeg)))

@@ -109,3 +109,30 @@ def test_first_audio_only_run_still_finds_the_shots(av_dir, tmp_path):
                                           fb["videos"][key]["shots"][()])
             assert len(fa["videos"][key]["shots"]) == 2
             assert fa["videos"][key].attrs["n_frames"] == fb["videos"][key].attrs["n_frames"]
+
+
+def test_audio_only_run_does_not_import_torchvision(av_dir, tmp_path):
+    # A run that needs no image model skips importing torchvision (about 1 s of torch._dynamo
+    # at start-up): a first vggish run (shots found on the way) and vggish added to cached shots.
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom vtx.cli.main import cli\n"
+            "try:\n    cli(sys.argv[1:], standalone_mode=False)\n"
+            "finally:\n    print('torchvision imported:', 'torchvision' in sys.modules)")
+
+    def imports_torchvision(out, features) -> bool:
+        r = subprocess.run([sys.executable, "-c", code, "extract", "--videos", str(av_dir),
+                            "--out", str(out), "--features", features, "--weights", "random",
+                            "--quiet", "--no-progress"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return {"torchvision imported: True": True,
+                "torchvision imported: False": False}[r.stdout.strip().splitlines()[-1]]
+
+    assert not imports_torchvision(tmp_path / "a.h5", "vggish")
+    assert imports_torchvision(tmp_path / "a.h5", "resnet18")  # an image model needs it
+    run(av_dir, tmp_path / "b.h5", features=("resnet18",))
+    assert not imports_torchvision(tmp_path / "b.h5", "vggish")
+    with h5py.File(tmp_path / "b.h5") as f:
+        assert "vggish" in f["videos"]["sound.mp4"] and "resnet18" in f["videos"]["sound.mp4"]

@@ -260,10 +260,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["done"] + summary["skipped"] == 5 and summary["skipped"] >= 1
-    a, b = datasets(ref), datasets(out)
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_allclose(a[k].astype(float), b[k].astype(float), rtol=0, atol=1e-3)
+    assert_same_cache(ref, out)
     assert_no_stray_parts(out)
 
 
@@ -396,15 +393,26 @@ def group_datasets(cache: Path, key: str) -> tuple[dict, dict]:
         return dict(g.attrs), {n: (g[n][()], dict(g[n].attrs)) for n in g}
 
 
+def assert_same_arrays(x: np.ndarray, y: np.ndarray, name: str) -> None:
+    """Equal, or for floats from separate fp32 runs within 1e-3 plus one step of the stored
+    dtype: two runs batch the same inputs differently (partial batches depend on timing), which
+    moves fp32 results in their last bits, and a float16 dataset (ViT patches) then rounds one
+    value in 10^5 or so to the neighbouring float16, 0.002 away at 2.0."""
+    if x.dtype.kind not in "fc":
+        assert np.array_equal(x, y), name
+        return
+    step = np.spacing(np.maximum(np.abs(x), np.abs(y)).astype(x.dtype)).astype(float)
+    diff = np.abs(x.astype(float) - y.astype(float))
+    bad = diff > 1e-3 + step
+    assert not bad.any(), (f"{name}: {bad.sum()} of {bad.size} values differ by more than "
+                           f"1e-3 + one {x.dtype} step (largest {diff.max():.3g})")
+
+
 def assert_same_cache(a: Path, b: Path) -> None:
     x, y = datasets(a), datasets(b)
     assert x.keys() == y.keys()
     for k in x:
-        if x[k].dtype.kind in "SUO":
-            assert np.array_equal(x[k], y[k]), k
-        else:
-            np.testing.assert_allclose(x[k].astype(float), y[k].astype(float), rtol=0,
-                                       atol=1e-3, err_msg=k)
+        assert_same_arrays(x[k], y[k], k)
 
 
 def test_every_dataset_carries_a_fletcher32_checksum(synth_cache):

@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import copy_cache
+from test_cache import assert_same_arrays
 from vtx.cli.main import cli
 from vtx.errors import CacheDamaged
 from vtx.io.cache import CacheLock, CacheWriter
@@ -180,11 +181,7 @@ def test_damage_gives_clear_errors_check_lists_it_and_repair_recomputes_only_it(
     after = datasets(bad)
     assert after.keys() == before.keys()
     for k in after:
-        if after[k].dtype.kind in "SUO":
-            assert np.array_equal(after[k], before[k]), k
-        else:
-            np.testing.assert_allclose(after[k].astype(float), before[k].astype(float),
-                                       rtol=0, atol=1e-3, err_msg=k)
+        assert_same_arrays(after[k], before[k], k)
     with h5py.File(bad) as a, h5py.File(pristine["cache"]) as b:
         assert dict(a.attrs) == dict(b.attrs)  # rebuilt root attrs equal the originals
 

@@ -91,9 +91,9 @@ def test_resume_converts_no_frame_it_does_not_sample(video, monkeypatch):
     given = []
     real_push = shots_mod.KnownShots.push
 
-    def push(self, index, pts, time_base, rgb):
+    def push(self, index, pts, time_base, av_frame, rgb=None):
         given.append(rgb is not None)
-        return real_push(self, index, pts, time_base, rgb)
+        return real_push(self, index, pts, time_base, av_frame, rgb)
 
     monkeypatch.setattr(shots_mod.KnownShots, "push", push)
     resumed, p = produce(video, lazy_bytes=shots_mod.LAZY_BYTES, known_shots=shots,

@@ -151,3 +151,40 @@ def test_partial_batches_overlap_decoding_and_keep_the_features(synth_dir, backb
             else:
                 np.testing.assert_array_equal(eager[rel][name], arr)
 
+
+
+def blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+
+def test_decode_threads_run_numpy_blas_on_one_thread(tmp_path):
+    # OpenBLAS's worker threads busy-wait after each of the decode thread's small matrix
+    # products (VGGish's log-mel), taking CPU from decoding and the models: run_jobs keeps
+    # numpy's BLAS on one thread while it runs, and leaves torch's threads alone.
+    import torch
+
+    from vtx.errors import VideoError
+
+    from threadpoolctl import threadpool_limits
+
+    torch_threads = torch.get_num_threads()
+    seen = []
+
+    def produce(job, emit, bar):
+        seen.append((blas_threads(), torch.get_num_threads()))
+        np.ones((300, 300)) @ np.ones((300, 300))  # runs (on one thread)
+        raise VideoError("done")
+
+    failures = []
+    jobs = [VideoJob(i, tmp_path / f"{i}.mp4", f"{i}.mp4", f"{i}.mp4", (), replace=True)
+            for i in range(2)]
+    with threadpool_limits(limits=2, user_api="blas"):  # as on a 2-core machine
+        before = blas_threads()
+        assert before and set(before) == {2}, "numpy has no BLAS that threadpoolctl can see"
+        run_jobs(jobs, BatchRunner({}, batch_size=1), produce, workers=2, progress=False,
+                 on_video=lambda a: None, on_failure=lambda job, r: failures.append(r))
+        assert blas_threads() == before  # restored
+    assert failures == ["done", "done"]
+    assert seen == [([1] * len(before), torch_threads)] * 2

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 
+import av
+import cv2
 import h5py
 import numpy as np
 import pytest
@@ -13,9 +15,9 @@ from scenedetect import AdaptiveDetector, ContentDetector, HashDetector, Histogr
 
 from conftest import golden, media_files
 from vtx.errors import UsageError
-from vtx.io.decode import VideoReader
+from vtx.io.decode import RgbConverter, VideoReader
 from vtx.io.synth import Shot, write_video
-from vtx.pipeline.shots import ShotBuffer, ShotConfig, ShotDetector, split_shot
+from vtx.pipeline.shots import DetectorInput, ShotBuffer, ShotConfig, ShotDetector, split_shot
 
 
 def detect_with_vtx(path, config=ShotConfig()):
@@ -25,7 +27,7 @@ def detect_with_vtx(path, config=ShotConfig()):
         det = ShotDetector(config, (r.info.width, r.info.height), r.frame_rate)
         for f in r.frames():
             times.append(f.time)
-            cuts += det.push(f.index, f.pts, f.time_base, f.av_frame.to_ndarray(format="rgb24"))
+            cuts += det.push(f.index, f.pts, f.time_base, f.av_frame)  # as the decode thread
         cuts += det.finish()
     return sorted(cuts), times
 
@@ -85,6 +87,83 @@ def test_vfr_synthetic_equals_scenedetect(tmp_path):
         scenedetect_cut_times(tmp_path / "vfr.mp4", ContentDetector()), abs=1e-9)
 
 
+def reference_input(av_frame, size):
+    """What scenedetect's SceneManager gives its detector (as RGB): PyAV's full-size
+    conversion, then OpenCV's INTER_LINEAR to the detector's size."""
+    full = av_frame.to_ndarray(format="rgb24")
+    return cv2.resize(full, size, interpolation=cv2.INTER_LINEAR) if size else full
+
+
+def assert_inputs_exact(path, sampled: bool) -> int:
+    """Every frame's detector input (and full-size RGB) equals the reference; return frames."""
+    n = 0
+    with VideoReader(path) as r:
+        det = ShotDetector(ShotConfig(), (r.info.width, r.info.height), r.frame_rate)
+        rgb = RgbConverter()
+        for f in r.frames():
+            assert det.wants_rgb(f.av_frame) is not sampled
+            want = reference_input(f.av_frame, det.size)
+            assert np.array_equal(det.input(f.av_frame), want), f"frame {f.index}"
+            assert np.array_equal(rgb(f.av_frame), f.av_frame.to_ndarray(format="rgb24"))
+            n += 1
+        assert det.input.exact
+    return n
+
+
+@pytest.mark.parametrize("name", media_files())
+def test_detector_input_equals_scenedetect_on_real_clips(media, name):
+    # 1280x720 (testvideo) takes the sampled path; 1920x1080, 1280x544 and 704x576 shrink by a
+    # fraction and take the full-size path.
+    sampled = name == "testvideo.mp4"
+    assert assert_inputs_exact(media / name, sampled) > 0
+
+
+def yuv_video(path, size, pix_fmt, n=12, color_range=None, colorspace=None):
+    """Noise frames (every pixel differs) plus a moving ramp: no chroma is flat."""
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = size[0], size[1], pix_fmt
+        s.options = {"crf": "10"}
+        if color_range is not None:
+            s.codec_context.color_range = color_range
+        if colorspace is not None:
+            s.codec_context.colorspace = colorspace
+        ramp = np.linspace(0, 255, size[0])[None, :, None]
+        for i in range(n):
+            img = rng.integers(0, 256, (size[1], size[0], 3)).astype(np.float64) * 0.5
+            img += 0.5 * np.roll(ramp, 7 * i, axis=1) * np.array([1.0, 0.4, 0.8])
+            frame = av.VideoFrame.from_ndarray(img.astype(np.uint8), format="rgb24")
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+@pytest.mark.parametrize("size,pix_fmt,extra,sampled", [
+    pytest.param((768, 432), "yuv420p", {}, True, id="768x432-f3"),
+    pytest.param((1280, 720), "yuvj420p", {}, True, id="720p-full-range"),
+    pytest.param((1280, 720), "yuv420p", {"colorspace": 1}, True, id="720p-bt709"),
+    pytest.param((1024, 576), "yuv420p", {}, False, id="1024x576-even-factor"),
+    pytest.param((1280, 720), "yuv444p", {}, False, id="720p-444"),
+])
+def test_detector_input_sampled_path_is_exact(tmp_path, size, pix_fmt, extra, sampled):
+    yuv_video(tmp_path / "v.mp4", size, pix_fmt, **extra)
+    assert assert_inputs_exact(tmp_path / "v.mp4", sampled) == 12
+
+
+def test_detector_input_falls_back_when_the_sampled_path_disagrees(media):
+    # A swscale that converted the small frame differently would be caught on the frames checked
+    # and the video finished on the full-size path.
+    with VideoReader(media / "testvideo.mp4") as r:
+        inp = DetectorInput((r.info.width, r.info.height), (256, 144))
+        real = inp._sampled
+        inp._sampled = lambda fr: real(fr) ^ 1
+        for f, _ in zip(r.frames(), range(5)):
+            assert np.array_equal(inp(f.av_frame), reference_input(f.av_frame, (256, 144)))
+        assert not inp.exact and not inp.takes_sampled(f.av_frame)
+
+
 def test_min_shot_len_in_seconds_and_threshold(tmp_path):
     write_video(tmp_path / "v.mp4", [Shot(20, 0), Shot(12, 2), Shot(25, 4)], size=(128, 72),
                 fps=25)
@@ -130,6 +209,26 @@ def test_shot_buffer_exact_when_short_and_bounded_when_long():
     assert buf.index[0] == 0  # the shot's first frame is always kept
     buf.release(4990)
     assert buf.index[0] >= 4990 and buf.time_of(4995) == pytest.approx(499.5)
+
+
+def test_shot_buffer_reduces_a_held_frame_only_for_the_models_that_sample_it():
+    calls = []
+
+    def reduce(frame, rgb, keys):
+        calls.append((frame, None if keys is None else sorted(keys)))
+        return {k: np.full(1, frame) for k in (keys or ("a", "b"))}
+
+    buf = ShotBuffer(capacity=40, lookback=8, reduce=reduce, lazy_bytes=100)
+    for i in range(5):
+        buf.add_lazy(i, i / 10, i, nbytes=10)
+    assert buf.get(2, {"a"}) == {"a": np.full(1, 2)} and calls == [(2, ["a"])]
+    assert buf.get(2, {"a", "b"})["b"] == 2 and calls[-1] == (2, ["b"])  # only the missing
+    assert buf.get(2, {"a", "b"}).keys() == {"a", "b"} and len(calls) == 2
+    assert buf.reduced == 1 and buf.lazy == 50  # still held as decoded until released
+    assert buf.get(3).keys() == {"a", "b"} and calls[-1] == (3, None)  # all: no longer held
+    assert buf.reduced == 2 and buf.lazy == 40
+    buf.add_lazy(5, 0.5, 5, nbytes=70)  # over the budget: reduced at once, for every model
+    assert calls[-1] == (5, None) and buf.lazy == 40
 
 
 def test_shot_config_json_is_stable():

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from vtx.errors import DecodeError, VideoOpenError
 
@@ -76,6 +77,25 @@ class Frame:
     def to_rgb(self, rotation: int = 0) -> np.ndarray:
         """Full-resolution RGB uint8 array (H, W, 3), rotated for display."""
         return rotate(self.av_frame.to_ndarray(format="rgb24"), rotation)
+
+
+class RgbConverter:
+    """Full-size RGB arrays of decoded frames, through one swscale context for a whole video.
+
+    ``av_frame.to_ndarray(format="rgb24")`` goes through the frame's own, new reformatter, so
+    FFmpeg sets up a swscale context for every frame: at 640x360 that set-up costs more than the
+    conversion (0.50 against 0.13 CPU-ms a frame, ``docs/BENCHMARKS.md``). This
+    keeps one PyAV ``VideoReformatter`` and calls it with the same arguments, so FFmpeg reuses its
+    context and the pixels are the same (``tests/test_decode.py``). Not thread-safe: one per
+    decode thread.
+    """
+
+    def __init__(self):
+        self._reformatter = VideoReformatter()
+
+    def __call__(self, av_frame: av.VideoFrame) -> np.ndarray:
+        """(H, W, 3) uint8 RGB, as ``av_frame.to_ndarray(format="rgb24")``."""
+        return self._reformatter.reformat(av_frame, format="rgb24").to_ndarray()
 
 
 def rotate(img: np.ndarray, rotation: int) -> np.ndarray:

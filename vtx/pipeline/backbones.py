@@ -42,7 +42,6 @@ import cv2
 import numpy as np
 import torch
 from torch import nn
-from torchvision.transforms.v2 import functional as TF
 
 from vtx.errors import UsageError, WeightsUnavailable
 from vtx.features import (FEATURES, FULL_FRAME, FeatureSpec, follows_grid_view, parse_feature,
@@ -142,6 +141,10 @@ class FramePrep:
         self.antialias = bool(getattr(transforms, "antialias", False))
         self.interpolation = transforms.interpolation
         self.full_frame = full_frame
+        # torchvision (imported here, not with the module: runs without image models skip it)
+        from torchvision.transforms.v2 import functional as TF
+
+        self._torch_resize = self.antialias or self.interpolation != TF.InterpolationMode.BILINEAR
 
     @property
     def view(self) -> str:
@@ -189,10 +192,12 @@ class FramePrep:
         dh, dw = (w, h) if k % 2 else (h, w)  # displayed size
         oh, ow = tuple(self.crop_size) if self.full_frame else self.output_size(dh, dw)
         rh, rw = (ow, oh) if k % 2 else (oh, ow)  # resize target in decoded orientation
-        if self.antialias or self.interpolation != TF.InterpolationMode.BILINEAR:
+        if self._torch_resize:
             # torchvision's own resize on the uint8 frame, with the transform's interpolation:
             # exactly the weights' transform (and cheaper than OpenCV's INTER_AREA).
             t = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W) uint8
+            from torchvision.transforms.v2 import functional as TF
+
             small = TF.resize(t, [rh, rw], interpolation=self.interpolation,
                               antialias=self.antialias).permute(1, 2, 0).numpy()
         else:  # torchvision's video transforms resize bilinearly without antialiasing

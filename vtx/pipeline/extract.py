@@ -29,8 +29,8 @@ from typing import Callable, NamedTuple, TextIO
 import numpy as np
 
 from vtx.errors import CacheMismatch, UsageError
-from vtx.features import (ALL_FEATURES, DEFAULT_FEATURES, FEATURES, FeatureSpec, grid_view,
-                          parse_features, resolve)
+from vtx.features import (ALL_FEATURES, DEFAULT_FEATURES, FEATURES, FeatureSpec,
+                          follows_grid_view, grid_view, parse_features, resolve)
 from vtx.io import schema
 from vtx.io.cache import CacheWriter, video_key
 from vtx.io.claims import DEFAULT_LEASE_S, Claims, LocksUnsupported, check_locks
@@ -39,7 +39,8 @@ from vtx.pipeline.backbones import (THUMBNAIL, Backbone, ThumbnailPrep, grid_pre
                                     load_backbones, resolve_device, resolve_precision)
 from vtx.pipeline.codec import codec_attrs
 from vtx.pipeline.producer import FRAME_THUMBNAIL, FrameSettings, VideoJob, VideoProducer
-from vtx.pipeline.runner import BatchRunner, JobSkipped, OnBatch, VideoAssembler, run_jobs
+from vtx.pipeline.runner import (BatchRunner, JobSkipped, OnBatch, VideoAssembler, one_blas_thread,
+                                 run_jobs)
 from vtx.pipeline.sampling import FrameSampling
 from vtx.pipeline.sharding import auto_device, parse_shard
 from vtx.pipeline.shots import ShotConfig
@@ -374,7 +375,8 @@ def plan_run(cache: CacheWriter, config: ExtractConfig, specs: tuple[FeatureSpec
         ReadOnly: videos need extracting into a read-only cache.
     """
     official = config.weights == "official"
-    view = grid_prep(config.vit_weights, config.full_frame_grids).view
+    view = (grid_prep(config.vit_weights, config.full_frame_grids).view
+            if any(follows_grid_view(s) for s in specs) else None)  # (needs torchvision)
     wanted = {s.name: s.identity(config.weights, pca=config.vggish_pca and official,
                                  gop=config.gop_normalise, view=view) for s in specs}
     frame_level = any(s.level == "frame" for s in specs)
@@ -492,11 +494,14 @@ def _check_grid_views(have: dict[str, str], wanted: dict[str, str], config: Extr
                       fix: str) -> None:
     """Every spatial grid of one cache covers one image region: refuse a run whose grids
     (ViT patches, motion, residuals) would cover another region than those already cached."""
+    grids = {name: (spec, identity) for name, identity in {**have, **wanted}.items()
+             if (spec := resolve(name)) is not None and spec.spatial}
+    if not grids:
+        return
     crop = grid_prep(config.vit_weights).view
     views = {}
-    for name, identity in {**have, **wanted}.items():
-        spec = resolve(name)
-        view = grid_view(spec, identity, default=crop) if spec is not None else None
+    for name, (spec, identity) in grids.items():
+        view = grid_view(spec, identity, default=crop)
         if view is not None:
             views[name] = view
     if len(set(views.values())) > 1:
@@ -520,8 +525,10 @@ class _Run:
         self.summary, self.log, self.tmp = summary, log, tmp
         self.claims, self.planned, self.specs = claims, planned, specs
         self.preps = {k: bb.prep for k, bb in backbones.items() if bb.prep is not None}
+        grids = any(s.kind == "codec" or follows_grid_view(s) for s in specs)
         self.settings = FrameSettings(config.frames, config.motion_grid, config.residual_size,
-                                      grid_prep(config.vit_weights, config.full_frame_grids))
+                                      grid_prep(config.vit_weights, config.full_frame_grids)
+                                      if grids else None)  # (the grid view needs torchvision)
         self.schema = schema.RunSchema(dtype=config.dtype, shot_config=config.shots.to_json(),
                                        frame_sampling=config.frames.describe(),
                                        frame_config=config.frames.to_json(),
@@ -603,13 +610,13 @@ class _Run:
     def feature_attrs(self, spec: FeatureSpec, video: dict) -> dict:
         """The dataset attrs of ``spec`` for one video (``video``: its attrs); a spatial grid
         also records the region it covers (``region``, ``rotation``, ``view``)."""
-        grid = self.settings.grid
         if spec.kind == "codec":
             attrs = codec_attrs(spec, self.config.frames.describe(), self.config.gop_normalise,
-                                self.settings.sizes, grid.view)
+                                self.settings.sizes, self.settings.grid.view)
         else:
             attrs = self.backbones[spec.model_key].attrs(spec.name)
         if spec.spatial:
+            grid = self.settings.grid
             width, height, rotation = (int(video["width"]), int(video["height"]),
                                        int(video.get("rotation", 0)))
             attrs.update(region=np.round(grid.region(width, height, rotation), 3),
@@ -652,8 +659,9 @@ def extract_video(path: str | Path, backbones: dict[str, Backbone],
     runner = BatchRunner(backbones, batch_size)
     a = runner.open(job)
     preps = {k: bb.prep for k, bb in backbones.items() if bb.prep is not None}
-    VideoProducer(job, preps, shot_config, runner.put, settings,
-                  thumbnail=ThumbnailPrep() if thumbnails else None).run()
+    with one_blas_thread():
+        VideoProducer(job, preps, shot_config, runner.put, settings,
+                      thumbnail=ThumbnailPrep() if thumbnails else None).run()
     runner.flush()
     done = a.done
     n_shots, n_frames = done.rows["shot"], done.rows["frame"]

@@ -3,15 +3,19 @@
 :class:`VideoProducer` decodes a video once (:class:`vtx.io.decode.VideoReader`, its audio
 demuxed in the same pass) and hands every decoded frame to:
 
-* the shot detector (on the frame's RGB array, the one per-frame conversion, made only when the
-  shots are not known already or codec residuals need it);
+* the shot detector (when the shots are not known already), which gets its downscaled input
+  from the YUV frame, converting only the pixels it reads where the downscale factor allows
+  (:class:`vtx.pipeline.shots.DetectorInput`), else from the frame's full-size RGB array; a
+  full-size conversion of every frame is made only where that or codec residuals need it, with
+  one swscale context per video (:class:`vtx.io.decode.RgbConverter`);
 * a bounded :class:`ShotBuffer` of the current shot's frames, held as decoded; a closed shot
   sends its sampled frames (the centre frame for an image model, ``clip_len`` frames for a
   video model, :func:`sample_indices`) to the models, and only those are converted to RGB and
-  reduced to each model's input size (:class:`FramePrep`, exactly the weights' transform).
-  Any frame can still become a sampled one when it is decoded, so reducing on arrival would
-  reduce every frame for every model; past the buffer's byte budget
-  (:data:`vtx.pipeline.shots.LAZY_BYTES`) frames are reduced on arrival again;
+  reduced, each for the models that sample it only, to the model's input size
+  (:class:`FramePrep`, exactly the weights' transform). Any frame can still become a sampled
+  one when it is decoded, so reducing on arrival would reduce every frame for every model;
+  past the buffer's byte budget (:data:`vtx.pipeline.shots.LAZY_BYTES`) frames are reduced on
+  arrival again;
 * the frame sampler: a sampled frame is reduced for every frame-level image model, and its codec
   arrays are computed on the spot (:class:`vtx.pipeline.codec.CodecStream`);
 * (audio) the 16 kHz resampler and the incremental log-mel front end of VGGish.
@@ -37,7 +41,7 @@ import numpy as np
 
 from vtx.features import FeatureSpec
 from vtx.io import audio as audio_io
-from vtx.io.decode import Frame, VideoReader
+from vtx.io.decode import Frame, RgbConverter, VideoReader
 from vtx.pipeline.backbones import THUMBNAIL, FramePrep, ThumbnailPrep, grid_prep, sample_indices
 from vtx.pipeline.codec import CODEC_OPTIONS, CodecStream, pict_type
 from vtx.pipeline.sampling import FrameSampler, FrameSampling, KnownFrames
@@ -232,9 +236,10 @@ class VideoProducer:
         """Set up the per-video state once the file is open."""
         job, info = self.job, reader.info
         self.reader, self.info = reader, info
+        self.to_rgb = RgbConverter()  # one swscale context for the video's full-size frames
         self.detector = (KnownShots(job.known_shots) if job.known_shots is not None else
                          ShotDetector(self.shot_config, (info.width, info.height),
-                                      reader.frame_rate))
+                                      reader.frame_rate, self.to_rgb))
         self.sampler = (KnownFrames(job.known_frames) if job.known_frames is not None else
                         FrameSampler(self.settings.sampling, reader.expected_duration))
         self.buffer = ShotBuffer(capacity=self.capacity, reduce=self.reduce,
@@ -243,9 +248,9 @@ class VideoProducer:
                                          self.settings.motion_grid, self.settings.residual_size,
                                          legacy=self.settings.legacy_grids)
                              if self.codec else None)
-        # Every frame's RGB array: for the shot detector, and codec residuals (previous frame).
-        self.rgb_every_frame = (job.known_shots is None or
-                                (self.codec_stream is not None and self.codec_stream.residual))
+        # Every frame's full-size RGB array for codec residuals (the previous frame); the shot
+        # detector asks per frame (it converts only the pixels it reads where it can).
+        self.rgb_every_frame = self.codec_stream is not None and self.codec_stream.residual
         self.frame_bytes = 0  # bytes of one decoded frame (set at the first frame)
         if self.audio_models:
             self.resampler = audio_io.AudioResampler()
@@ -262,8 +267,9 @@ class VideoProducer:
             self.codec_stream.place(self.settings.grid.region(info.width, info.height, rotation),
                                     rotation)
         av_frame = frame.av_frame
-        rgb = av_frame.to_ndarray(format="rgb24") if self.rgb_every_frame else None
-        cuts = self.detector.push(frame.index, frame.pts, frame.time_base, rgb)
+        rgb = (self.to_rgb(av_frame)
+               if self.rgb_every_frame or self.detector.wants_rgb(av_frame) else None)
+        cuts = self.detector.push(frame.index, frame.pts, frame.time_base, av_frame, rgb)
         if self.buffered:  # held as decoded; reduced only if a shot samples it
             if not self.frame_bytes:
                 self.frame_bytes = sum(plane.buffer_size for plane in av_frame.planes)
@@ -278,18 +284,21 @@ class VideoProducer:
                  if self.codec_stream is not None else {})
         if sampled:
             if rgb is None:
-                rgb = av_frame.to_ndarray(format="rgb24")
+                rgb = self.to_rgb(av_frame)
             self.on_sampled_frame(frame, rgb, pict, codec)
         if self.progress is not None:
             self.progress.update()
 
-    def reduce(self, av_frame, rgb: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """A decoded frame's inputs to the shot-level models (and its thumbnail), by key."""
+    def reduce(self, av_frame, rgb: np.ndarray | None = None,
+               keys: set[str] | None = None) -> dict[str, np.ndarray]:
+        """A decoded frame's inputs to the shot-level models (and its thumbnail), by key: all of
+        them, or those in ``keys`` (the models a shot samples this frame for)."""
         if rgb is None:
-            rgb = av_frame.to_ndarray(format="rgb24")
+            rgb = self.to_rgb(av_frame)
         rotation = self.info.rotation
-        reduced = {k: prep(rgb, rotation) for k, (_, prep) in self.shot_models.items()}
-        if self.thumbnail is not None:
+        reduced = {k: prep(rgb, rotation) for k, (_, prep) in self.shot_models.items()
+                   if keys is None or k in keys}
+        if self.thumbnail is not None and (keys is None or THUMBNAIL in keys):
             reduced[THUMBNAIL] = self.thumbnail(rgb, rotation)
         return reduced
 
@@ -303,14 +312,21 @@ class VideoProducer:
                   split_shot(start, end, start_time, end_time, self.shot_config.max_shot_len))
         for a, b in pieces:
             index = len(self.shots)
-            for key, (clip_len, _) in self.shot_models.items():
-                pos = buffer.nearest(sample_indices(clip_len, a, b), upto=b)
-                clip = np.stack([buffer.get(p)[key] for p in pos])  # (clip_len, h, w, 3)
-                self._emit_model(key, index, clip)
+            sampled = {key: buffer.nearest(sample_indices(clip_len, a, b), upto=b)
+                       for key, (clip_len, _) in self.shot_models.items()}
+            if self.thumbnail is not None:  # the shot's centre frame
+                sampled[THUMBNAIL] = buffer.nearest(sample_indices(1, a, b), upto=b)
+            wanted: dict[int, set[str]] = {}  # buffer position -> the keys sampling it
+            for key, pos in sampled.items():
+                for p in pos:
+                    wanted.setdefault(p, set()).add(key)
+            for key in self.shot_models:
+                clip = np.stack([buffer.get(p, wanted[p])[key] for p in sampled[key]])
+                self._emit_model(key, index, clip)  # clip: (clip_len, h, w, 3)
             if self.thumbnail is not None:  # negative index: a per-shot item, not a frame
-                pos = buffer.nearest(sample_indices(1, a, b), upto=b)
+                p = sampled[THUMBNAIL][0]
                 self.emit(DirectItem(self.job.vid, -1 - index,
-                                     {THUMBNAIL: buffer.get(pos[0])[THUMBNAIL]}))
+                                     {THUMBNAIL: buffer.get(p, wanted[p])[THUMBNAIL]}))
             self.shots.append((a, b))
             self.shot_times.append((buffer.time_of(a),
                                     buffer.time_of(b) if b != end else end_time))

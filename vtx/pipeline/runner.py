@@ -226,6 +226,20 @@ Produce = Callable[[VideoJob, Callable[[object], None], object], None]
 thread's frame bar (:func:`vtx.progress.progress`, silent outside a terminal)."""
 
 
+def one_blas_thread():
+    """A context in which numpy's BLAS (OpenBLAS) runs on the calling thread only.
+
+    The decode threads' numpy matrix products are small (VGGish's log-mel: 96x257 by 257x64 per
+    example), and OpenBLAS's own worker threads busy-wait after each call: on 2 cores a
+    ``vggish`` producer on a 720p video used 22.0 CPU-s in 13.2 s with them and 9.2 CPU-s in
+    7.8 s without (``docs/BENCHMARKS.md``), the difference taken from decoding and the models.
+    torch's CPU kernels do not use numpy's BLAS and keep their threads.
+    """
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def run_jobs(jobs: Sequence[VideoJob], runner: BatchRunner, produce: Produce, *,
              workers: int, on_video: Callable[[VideoAssembler], None],
              on_failure: Callable[[VideoJob, str], None], progress: bool = True,
@@ -249,6 +263,14 @@ def run_jobs(jobs: Sequence[VideoJob], runner: BatchRunner, produce: Produce, *,
             pending, rather than wait for the decode threads (see the module docstring); with
             False only full batches run until every video is decoded.
     """
+    with one_blas_thread():
+        _run_jobs(jobs, runner, produce, workers=workers, on_video=on_video,
+                  on_failure=on_failure, progress=progress, partial_batches=partial_batches,
+                  on_skip=on_skip)
+
+
+def _run_jobs(jobs, runner, produce, *, workers, on_video, on_failure, progress,
+              partial_batches, on_skip) -> None:
     q: queue.Queue = queue.Queue(maxsize=max(8, 4 * runner.batch_size))
     job_q: queue.Queue = queue.Queue()
     for job in jobs:

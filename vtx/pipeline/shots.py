@@ -7,6 +7,10 @@ interpolation, and ``FrameTimecode`` positions built from PTS relative to the st
 cuts are therefore the ones ``scenedetect.detect`` reports, without scenedetect decoding the file
 a second time.
 
+The detector's input is built by :class:`DetectorInput`: when the downscale factor is an odd
+integer (1280x720, 3840x2160, 768x432), only the pixels OpenCV's ``INTER_LINEAR`` reads are
+converted from YUV, with the same pixels as the full-size path (its docstring says how).
+
 A shot is ``[start, end)`` in decode-order frame indices. A video without cuts is one shot.
 """
 
@@ -19,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 
+import av
 import cv2
 import numpy as np
 from scenedetect import (AdaptiveDetector, ContentDetector, HashDetector, HistogramDetector,
@@ -27,6 +32,7 @@ from scenedetect.common import FrameTimecode, Timecode
 from scenedetect.scene_manager import compute_downscale_factor
 
 from vtx.errors import UsageError
+from vtx.io.decode import RgbConverter
 
 DETECTORS = {
     "content": (ContentDetector, "threshold", 27.0),
@@ -87,6 +93,120 @@ def make_detector(config: ShotConfig):
     return cls(**{arg: threshold, "min_scene_len": _min_scene_len(config.min_shot_len)})
 
 
+class DetectorInput:
+    """The downscaled frame PySceneDetect's detectors see, computed exactly and cheaply.
+
+    ``scenedetect.detect`` converts every frame to full-size BGR (FFmpeg's swscale, as PyAV's
+    ``to_ndarray``) and shrinks it to ``size`` with OpenCV's ``INTER_LINEAR``. Shrinking by an odd
+    integer factor ``f`` on both axes (1280x720 -> 256x144: f = 5), ``INTER_LINEAR`` reads one
+    source pixel per output pixel, ``(f*y + f//2, f*x + f//2)``, with weight 1: the output *is*
+    those pixels. So only they are converted: their luma samples, each with the chroma sample of
+    its own 2x2 block, are written into a small 4:2:0 frame with every sample doubled in both
+    directions (each 2x2 block of it holds one sampled pixel and that pixel's chroma), and swscale
+    converts it along the same path as the full frame (4:2:0 to RGB at the same size, no
+    scaling, chroma taken per 2x2 block); one pixel of each 2x2 block of the result is the
+    sampled pixel's full-size RGB value. At 1280x720 that converts 16 % as many pixels.
+
+    The path is taken for 8-bit 4:2:0 frames (``yuv420p``, ``yuvj420p``) of the stream's size,
+    and each video checks it against the full-size path on its frames until three that are not
+    flat agreed (or 250 frames did); a disagreement (another FFmpeg build's swscale, say)
+    switches the video to the full-size path for good (``exact`` then reads False). Equality on
+    real clips and on full-range and BT.709 streams: ``tests/test_shots.py``.
+
+    Args:
+        frame_size: coded (width, height) of the stream.
+        size: the detector's (width, height), or None when frames are not downscaled.
+        rgb: converter for full-size frames (the decode thread's, to share its swscale context).
+    """
+
+    CHECKS = 3
+    MAX_CHECKED = 250
+
+    def __init__(self, frame_size: tuple[int, int], size: tuple[int, int] | None,
+                 rgb: RgbConverter | None = None):
+        self.frame_size, self.size = frame_size, size
+        self.rgb = rgb or RgbConverter()
+        self.step = _odd_step(frame_size, size) if size is not None else None
+        self.exact = True  # the sampled path agreed with the full one on every frame checked
+        self._checks_left, self._checked = self.CHECKS, 0
+        if self.step is not None:
+            f, (dw, dh) = self.step, size
+            rows, cols = f * np.arange(dh) + f // 2, f * np.arange(dw) + f // 2
+            self._chroma = rows // 2, cols // 2  # the 2x2 block of each sampled pixel
+            self._small = RgbConverter()  # its own swscale context: another frame size
+            self._doubled: dict[str, tuple] = {}  # pixel format -> (frame, its planes)
+
+    def takes_sampled(self, av_frame) -> bool:
+        """Whether this frame takes the sampled path (unless a full-size RGB is passed)."""
+        return (self.step is not None and self.exact and
+                av_frame.format.name in ("yuv420p", "yuvj420p") and
+                (av_frame.width, av_frame.height) == self.frame_size)
+
+    def __call__(self, av_frame, rgb: np.ndarray | None = None) -> np.ndarray:
+        """The detector's RGB input (h, w, 3) for one decoded frame; ``rgb`` is its full-size
+        conversion when the caller has one already."""
+        if rgb is None and self.takes_sampled(av_frame):
+            small = self._sampled(av_frame)
+            if not self._checks_left:
+                return small
+            full = self._shrink(self.rgb(av_frame))
+            if not np.array_equal(small, full):
+                self.exact = False
+            elif small.min() != small.max():
+                self._checks_left -= 1
+            self._checked += 1
+            if self._checked >= self.MAX_CHECKED:
+                self._checks_left = 0
+            return full
+        return self._shrink(self.rgb(av_frame) if rgb is None else rgb)
+
+    def _shrink(self, rgb: np.ndarray) -> np.ndarray:
+        if self.size is None:
+            return rgb
+        return cv2.resize(rgb, self.size, interpolation=cv2.INTER_LINEAR)
+
+    def _sampled(self, av_frame) -> np.ndarray:
+        f, (dw, dh) = self.step, self.size
+        y, u, v = (_plane_array(p) for p in av_frame.planes[:3])
+        name = av_frame.format.name
+        if name not in self._doubled:  # a (2 dw) x (2 dh) 4:2:0 frame, written in place
+            frame = av.VideoFrame(2 * dw, 2 * dh, name)
+            self._doubled[name] = frame, [_plane_array(p) for p in frame.planes[:3]]
+        small, (y2, u2, v2) = self._doubled[name]
+        sampled = y[f // 2::f, f // 2::f][:dh, :dw]
+        y2[0::2, 0::2] = sampled  # every luma sample doubled in both directions
+        y2[0::2, 1::2] = sampled
+        y2[1::2] = y2[0::2]
+        crow, ccol = self._chroma
+        u2[...] = u[crow][:, ccol]
+        v2[...] = v[crow][:, ccol]
+        small.colorspace, small.color_range = av_frame.colorspace, av_frame.color_range
+        doubled = self._small(small)  # (2 dh, 2 dw, 3): keep one pixel of each 2x2 block
+        # OpenCV's nearest neighbour at exactly 1/2 takes the top-left pixel of each block
+        return cv2.resize(doubled, (dw, dh), interpolation=cv2.INTER_NEAREST)
+
+
+def _plane_array(plane) -> np.ndarray:
+    """A (height, width) uint8 view of one 8-bit plane of a PyAV frame (no copy; writable when
+    the frame's buffer is)."""
+    return np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, :plane.width]
+
+
+def _odd_step(frame_size: tuple[int, int], size: tuple[int, int]) -> int | None:
+    """The factor f when ``INTER_LINEAR`` from ``frame_size`` to ``size`` reads exactly the
+    pixels ``f*i + f//2`` on both axes (an odd integer f > 1 on both); else None."""
+    (w, h), (dw, dh) = frame_size, size
+    if w % dw or h % dh or w // dw != h // dh or (w // dw) % 2 == 0 or w // dw < 3:
+        return None
+    f = w // dw
+    for n, m in ((w, dw), (h, dh)):  # OpenCV's source positions: (i + 0.5) * scale - 0.5
+        scale = 1.0 / (m / n)
+        pos = (np.arange(m) + 0.5) * scale - 0.5
+        if np.abs(pos - (f * np.arange(m) + f // 2)).max() > 1e-6:
+            return None
+    return f
+
+
 class ShotDetector:
     """Feeds one video's decoded frames to a PySceneDetect detector and reports cuts.
 
@@ -94,29 +214,37 @@ class ShotDetector:
         config: detector settings.
         frame_size: coded (width, height) of the stream, as PySceneDetect's backend reports it.
         frame_rate: the stream's guessed frame rate.
+        rgb: the decode thread's full-size converter, shared (a new one when None).
     """
 
-    def __init__(self, config: ShotConfig, frame_size: tuple[int, int], frame_rate: Fraction):
+    def __init__(self, config: ShotConfig, frame_size: tuple[int, int], frame_rate: Fraction,
+                 rgb: RgbConverter | None = None):
         self.detector = make_detector(config)
         self.frame_rate = frame_rate if frame_rate > 0 else Fraction(25)
         factor = compute_downscale_factor(max(frame_size))
         w, h = frame_size
         self.size = ((max(1, round(w / factor)), max(1, round(h / factor)))
                      if factor > 1.0 else None)
+        self.input = DetectorInput(frame_size, self.size, rgb)
         # Cuts can name a frame a few frames back; remember enough positions to map them.
         self._recent: deque[tuple[FrameTimecode, int]] = deque(
             maxlen=max(64, 2 * int(self.detector.event_buffer_length) + 8))
         self._last: FrameTimecode | None = None
 
-    def push(self, index: int, pts: int | None, time_base: Fraction, rgb: np.ndarray) -> list[int]:
-        """Process decoded frame ``index`` (unrotated RGB); return new cuts as frame indices."""
+    def wants_rgb(self, av_frame) -> bool:
+        """Whether this frame gets converted to full-size RGB for the detector anyway (then the
+        caller may as well convert it and pass it to :meth:`push`)."""
+        return not self.input.takes_sampled(av_frame)
+
+    def push(self, index: int, pts: int | None, time_base: Fraction, av_frame,
+             rgb: np.ndarray | None = None) -> list[int]:
+        """Process decoded frame ``index`` (``rgb``: its unrotated full-size RGB, when the
+        caller has it); return new cuts as frame indices."""
         if pts is not None:
             position = FrameTimecode(Timecode(pts=pts, time_base=time_base), fps=self.frame_rate)
         else:
             position = FrameTimecode(index, fps=self.frame_rate)
-        small = rgb if self.size is None else cv2.resize(rgb, self.size,
-                                                         interpolation=cv2.INTER_LINEAR)
-        bgr = cv2.cvtColor(small, cv2.COLOR_RGB2BGR)
+        bgr = cv2.cvtColor(self.input(av_frame, rgb), cv2.COLOR_RGB2BGR)
         self._recent.append((position, index))
         self._last = position
         return self._to_indices(self.detector.process_frame(position, bgr))
@@ -144,7 +272,10 @@ class KnownShots:
     def __init__(self, shots: np.ndarray):
         self._starts = set(int(s) for s in shots[1:, 0]) if len(shots) else set()
 
-    def push(self, index: int, pts, time_base, rgb) -> list[int]:
+    def wants_rgb(self, av_frame) -> bool:
+        return False
+
+    def push(self, index: int, pts, time_base, av_frame, rgb=None) -> list[int]:
         return [index] if index in self._starts else []
 
     def finish(self) -> list[int]:
@@ -177,17 +308,19 @@ class ShotBuffer:
     current spacing beyond that.
 
     A frame is held either reduced (:meth:`add`: a dict of model-input arrays) or as decoded
-    (:meth:`add_lazy`), and then reduced by ``reduce`` only when a shot samples it
-    (:meth:`get`): which frames a shot samples is known only once the shot ends, and any frame
-    can still become a sampled one when it arrives, so reducing on arrival reduces every frame.
-    Decoded frames are held up to ``lazy_bytes``; a frame that would exceed it is reduced at
-    once. Which frames are kept, and so sampled, does not depend on how they are held.
+    (:meth:`add_lazy`), and then reduced by ``reduce`` only when a shot samples it, and only for
+    the models that sample it (:meth:`get`): which frames a shot samples is known only once the
+    shot ends, and any frame can still become a sampled one when it arrives, so reducing on
+    arrival reduces every frame for every model. Decoded frames are held up to ``lazy_bytes``; a
+    frame that would exceed it is reduced at once. Which frames are kept, and so sampled, does
+    not depend on how they are held.
 
     Args:
         capacity: most frames held at once.
         lookback: the most recent frames are never dropped (cuts may be reported late).
-        reduce: ``reduce(frame, rgb)``: a decoded frame's model-input arrays (``rgb`` its
-            RGB array when already at hand, else None).
+        reduce: ``reduce(frame, rgb, keys)``: a decoded frame's model-input arrays by key, for
+            ``keys`` or (None) for every model (``rgb`` its RGB array when already at hand, else
+            None).
         lazy_bytes: most bytes of decoded frames held unreduced.
     """
 
@@ -219,19 +352,29 @@ class ShotBuffer:
         reduced at once (from ``rgb`` when given) if it would exceed ``lazy_bytes``."""
         if self.lazy + nbytes > self.lazy_bytes:
             self.reduced += 1
-            self._append(index, time, self.reduce(frame, rgb), 0)
+            self._append(index, time, self.reduce(frame, rgb, None), 0)
         else:
-            self._append(index, time, frame, nbytes)
+            self._append(index, time, (frame, {}), nbytes)
 
-    def get(self, pos: int) -> dict[str, np.ndarray]:
-        """The reduced arrays of the frame at buffer position ``pos`` (reducing it now if it
-        was held as decoded)."""
-        if self.nbytes[pos]:
-            self.items[pos] = self.reduce(self.items[pos], None)
+    def get(self, pos: int, keys: set[str] | None = None) -> dict[str, np.ndarray]:
+        """The reduced arrays of the frame at buffer position ``pos``: those of ``keys``, or
+        (None) all. A frame held as decoded is reduced now, for ``keys`` only, and stays held
+        as decoded (so that another key can still be asked for) until :meth:`release`."""
+        if not self.nbytes[pos]:
+            return self.items[pos]
+        frame, arrays = self.items[pos]
+        if not arrays:
+            self.reduced += 1
+        if keys is None:
+            arrays.update(self.reduce(frame, None, None))
+            self.items[pos] = arrays
             self.lazy -= self.nbytes[pos]
             self.nbytes[pos] = 0
-            self.reduced += 1
-        return self.items[pos]
+            return arrays
+        missing = set(keys) - arrays.keys()
+        if missing:
+            arrays.update(self.reduce(frame, None, missing))
+        return arrays
 
     def _append(self, index: int, time: float, item, nbytes: int) -> None:
         self.index.append(index)
