@@ -18,7 +18,7 @@ import pytest
 
 from vtx import SCHEMA_VERSION, __version__
 from conftest import copy_cache, vtx_env
-from vtx.errors import CacheInUse, CacheMismatch, ReadOnly
+from vtx.errors import CacheMismatch, ReadOnly
 from vtx.features import FEATURES
 from vtx.io import cache as cache_mod
 from vtx.io.cache import CacheWriter, video_key

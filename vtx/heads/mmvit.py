@@ -405,7 +405,7 @@ class Mmvit(Head):
     def __init__(self, config: MmvitConfig):
         super().__init__()
         self.config = cfg = config
-        d, G, p = cfg.d_model, cfg.motion_grid, cfg.residual_patch
+        d, p = cfg.d_model, cfg.residual_patch
         in_dims = {"I": cfg.vit_dim, "M": 2, "R": 3 * p * p, "A": cfg.vggish_dim}
         self.embed = nn.ModuleDict({m: nn.Linear(in_dims[m], d) for m in cfg.modalities})
         self.modality_pos = nn.Parameter(torch.empty(len(cfg.modalities), d))

@@ -101,11 +101,12 @@ class DetectorInput:
     integer factor ``f`` on both axes (1280x720 -> 256x144: f = 5), ``INTER_LINEAR`` reads one
     source pixel per output pixel, ``(f*y + f//2, f*x + f//2)``, with weight 1: the output *is*
     those pixels. So only they are converted: their luma samples, each with the chroma sample of
-    its own 2x2 block, are written into a small 4:2:0 frame with every sample doubled in both
-    directions (each 2x2 block of it holds one sampled pixel and that pixel's chroma), and swscale
-    converts it along the same path as the full frame (4:2:0 to RGB at the same size, no
-    scaling, chroma taken per 2x2 block); one pixel of each 2x2 block of the result is the
-    sampled pixel's full-size RGB value. At 1280x720 that converts 16 % as many pixels.
+    its own 2x2 block, are written into a small 4:2:2 frame with every luma sample doubled
+    across (each pair of it holds one sampled pixel, and the pair's chroma is that pixel's), and
+    swscale converts it to RGB at the same size (no scaling; its same-size YUV to RGB converter
+    takes chroma per pair in 4:2:2 as per 2x2 block in 4:2:0); the first pixel of each pair of
+    the result is the sampled pixel's full-size RGB value. At 1280x720 that converts 8 % as many
+    pixels.
 
     The path is taken for 8-bit 4:2:0 frames (``yuv420p``, ``yuvj420p``) of the stream's size,
     and each video checks it against the full-size path on its frames until three that are not
@@ -169,21 +170,24 @@ class DetectorInput:
         f, (dw, dh) = self.step, self.size
         y, u, v = (_plane_array(p) for p in av_frame.planes[:3])
         name = av_frame.format.name
-        if name not in self._doubled:  # a (2 dw) x (2 dh) 4:2:0 frame, written in place
-            frame = av.VideoFrame(2 * dw, 2 * dh, name)
+        if name not in self._doubled:  # a (2 dw) x dh 4:2:2 frame, written in place
+            frame = av.VideoFrame(2 * dw, dh, _HALF_CHROMA[name])
             self._doubled[name] = frame, [_plane_array(p) for p in frame.planes[:3]]
         small, (y2, u2, v2) = self._doubled[name]
         sampled = y[f // 2::f, f // 2::f][:dh, :dw]
-        y2[0::2, 0::2] = sampled  # every luma sample doubled in both directions
-        y2[0::2, 1::2] = sampled
-        y2[1::2] = y2[0::2]
+        y2[:, 0::2] = sampled  # every luma sample doubled across: a pair per chroma sample
+        y2[:, 1::2] = sampled
         crow, ccol = self._chroma
         u2[...] = u[crow][:, ccol]
         v2[...] = v[crow][:, ccol]
         small.colorspace, small.color_range = av_frame.colorspace, av_frame.color_range
-        doubled = self._small(small)  # (2 dh, 2 dw, 3): keep one pixel of each 2x2 block
-        # OpenCV's nearest neighbour at exactly 1/2 takes the top-left pixel of each block
+        doubled = self._small(small)  # (dh, 2 dw, 3): keep one pixel of each pair
+        # OpenCV's nearest neighbour at exactly 1/2 takes the first pixel of each pair
         return cv2.resize(doubled, (dw, dh), interpolation=cv2.INTER_NEAREST)
+
+
+_HALF_CHROMA = {"yuv420p": "yuv422p", "yuvj420p": "yuvj422p"}
+"""The 4:2:2 format a sampled 4:2:0 frame is converted through (same range, same matrix)."""
 
 
 def _plane_array(plane) -> np.ndarray:

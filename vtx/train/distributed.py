@@ -68,7 +68,6 @@ def init_distributed(device_opt: str) -> tuple[Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(), resolve_device(device_opt)
-    rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_opt)
     if device.type == "cuda":

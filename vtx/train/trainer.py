@@ -629,22 +629,23 @@ def _resolve_batch_size(config: TrainConfig, head: nn.Module, train_set: TokenDa
     use_amp = config.amp and device.type == "cuda"
     longest = max(range(len(train_set)), key=lambda i: train_set.videos[i].length)
     length = train_set.videos[longest].length
-    try_step = None
-    if device.type == "cuda":
-        def try_step(size: int) -> bool:  # one real forward and backward at this size
-            batch = head_inputs(collate([train_set[longest]] * size), head.features, device)
-            try:
-                with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-                    head.train()(batch).float().sum().backward()
-                return True
-            except torch.cuda.OutOfMemoryError:
-                return False
-            finally:
-                head.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
+
+    def try_step(size: int) -> bool:  # one real forward and backward at this size (CUDA)
+        batch = head_inputs(collate([train_set[longest]] * size), head.features, device)
+        try:
+            with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                head.train()(batch).float().sum().backward()
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            head.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
     size, estimate, budget = auto_batch_size(
         config.head, head, length, len(train_set), device, amp=use_amp,
-        grad_checkpoint=config.grad_checkpoint, try_step=try_step)
+        grad_checkpoint=config.grad_checkpoint,
+        try_step=try_step if device.type == "cuda" else None)
     log(f"vtx: --batch-size auto: {size} videos per step (estimated peak "
         f"{estimate.peak / GiB:.2f} GiB of {budget / GiB:.2f} GiB available on {device}, for "
         f"the longest training video: {length} tokens)")
