@@ -634,3 +634,57 @@ def test_real_extracted_cache_end_to_end(synth_dir, tmp_path):
     result = json.loads(r.stdout)
     assert result["split"] == "val" and result["n_videos"] == 1   # no test split: falls back
     assert "no labelled video" in r.stderr and "'val' split instead" in r.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs (Linux, root only; skips elsewhere): room for one small checkpoint."""
+    import os
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root on Linux")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_a_disk_full_error(ml_data, ml_run, small_disk):
+    # PyTorch's writer turns ENOSPC into RuntimeError("... unexpected pos ..."); the checkpoint
+    # writer gives the full disk back as OSError(ENOSPC), the checkpoint already there stays
+    # whole, and train-head ends with vtx's one-line error and exit code 5.
+    import errno
+
+    from vtx.train.checkpoint import save_checkpoint
+
+    import shutil
+
+    cfg, result = ml_run
+    assert 32 << 10 < result.best_path.stat().st_size < 64 << 10  # one fits here, two do not
+    head, ckpt = load_checkpoint(result.best_path)
+    kw = dict(head=head, task=ckpt["task"], vocab=ckpt["vocab"], features=ckpt["features"])
+    first = save_checkpoint(small_disk / "best.pt", **kw)
+    room = shutil.disk_usage(small_disk).free - first.stat().st_size // 2
+    (small_disk / "filler").write_bytes(b"\0" * max(0, room))  # half a checkpoint left
+    with pytest.raises(OSError) as e:
+        save_checkpoint(small_disk / "last.pt", **kw)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(small_disk / "last.pt")
+    assert sorted(p.name for p in small_disk.iterdir()) == ["best.pt", "filler"]  # no tmp left
+    for k, v in load_checkpoint(first)[0].state_dict().items():  # the one there stays whole
+        assert torch.equal(v, ckpt["state_dict"][k])
+    first.unlink()
+    (small_disk / "filler").unlink()
+    cache, labels, _ = ml_data
+    r = _cli(["train-head", "meanpool", "--features", str(cache), "--labels", str(labels),
+              "--out", str(small_disk / "run"), "--epochs", "3", "--device", "cpu",
+              "--set", "hidden=32"])
+    assert r.exit_code == 5, r.output
+    assert "Traceback" not in r.output and "unexpected pos" not in r.output
+    assert "vtx: error: no space left on the device writing" in r.stderr, r.stderr
+    assert ".pt" in r.stderr  # a checkpoint was the write that failed
+    assert not [p for p in (small_disk / "run").iterdir() if ".tmp" in p.name]

@@ -52,6 +52,8 @@ Exit codes:
      official features mixed, no labelled video in the cache, a run
      already in --out without --resume, or --resume with other settings,
      a read-only --out (refused before training)
+  5  the disk of --out is full (checkpoints already written stay whole;
+     rerun with --resume after freeing space)
   6  the feature cache is damaged (see vtx check)"""
 
 EVALUATE_EXIT_CODES = """\b

@@ -154,15 +154,44 @@ def save_checkpoint(path: str | Path, *, head: nn.Module, task: str, vocab: list
     }
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
-            torch.save(ckpt, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with open(tmp, "wb") as fh:
+                try:
+                    torch.save(ckpt, fh)
+                except RuntimeError as e:  # torch's zip writer hides the OSError of a full disk
+                    raise _disk_full_or(e, tmp, path) from e
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as e:  # a buffered write that failed on flush or close names no file
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror, str(path)) from e
+            raise
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _disk_full_or(error: RuntimeError, tmp: Path, path: Path) -> Exception:
+    """What a failed ``torch.save`` into ``tmp`` should raise: ``OSError(ENOSPC)`` naming
+    ``path`` when the file system is (nearly) full, which the CLI reports as a full disk (exit
+    5), else the error itself. PyTorch's writer turns a failed write into ``RuntimeError("...
+    unexpected pos ...")`` and the errno is lost, so the free space decides."""
+    import errno
+    import shutil
+
+    try:
+        free = shutil.disk_usage(tmp.parent).free
+    except OSError:
+        return error
+    if free < FULL_BELOW:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return error
+
+
+FULL_BELOW = 1 << 20
+"""Free bytes under which a failed checkpoint write is taken for a full disk."""
 
 
 def read_checkpoint(path: str | Path) -> dict:
