@@ -388,7 +388,7 @@ def plan_run(cache: CacheWriter, config: ExtractConfig, specs: tuple[FeatureSpec
     cache.set_root_attrs(**attrs)
     for v in videos:
         if v.error:  # a listed file that does not exist fails like a bad video
-            _record_failure(cache, summary, log, v.relpath, v.error)
+            record_failure(cache, summary, log, v.relpath, v.error)
     jobs, planned = _jobs([v for v in videos if not v.error], specs, cache, summary)
     if jobs:
         cache.require_writable(f"{len(jobs)} of {len(videos)} video(s) need extracting")
@@ -461,9 +461,10 @@ def _plan(vid: int, path: Path, rel: str, key: str, specs: tuple[FeatureSpec, ..
     return job
 
 
-def _record_failure(cache: CacheWriter, summary: ExtractSummary, log: Callable[[str], None],
+def record_failure(cache: CacheWriter, summary: ExtractSummary, log: Callable[[str], None],
                     relpath: str, reason: str) -> None:
-    """One failed video: a line on ``log``, a ``/failures`` record and the summary's count."""
+    """One failed video: a line on ``log``, a ``/failures`` record and the summary's count
+    (also the distributed drivers' way to record one, :mod:`vtx.pipeline.ray_engine`)."""
     log(f"vtx: failed: {relpath}: {reason}")
     cache.write_failure(video_key(relpath), relpath, reason)
     summary.failed += 1
@@ -599,7 +600,7 @@ class _Run:
 
     def fail(self, job: VideoJob, reason: str) -> None:
         try:
-            _record_failure(self.cache, self.summary, self.log, job.relpath, reason)
+            record_failure(self.cache, self.summary, self.log, job.relpath, reason)
         finally:
             self.claims.release(job.key)
 

@@ -37,8 +37,8 @@ from vtx.errors import UsageError, VtxError
 from vtx.io.cache import CacheWriter
 from vtx.io.claims import LocksUnsupported, check_locks
 from vtx.io.space import writable_reason
-from vtx.pipeline.extract import (ExtractConfig, ExtractSummary, VideoInput, _record_failure,
-                                  discover_videos, extract, feature_specs, plan_run)
+from vtx.pipeline.extract import (ExtractConfig, ExtractSummary, VideoInput, discover_videos,
+                                  extract, feature_specs, plan_run, record_failure)
 from vtx.pipeline.sharding import parse_shard
 from vtx.progress import progress
 
@@ -392,7 +392,7 @@ class _Scheduler:
         else:
             item.deaths, item.died_at, item.error = item.deaths + 1, time.monotonic(), reason
             if item.deaths >= MAX_DEATHS:
-                _record_failure(self.cache, self.summary, self.log, item.video.relpath,
+                record_failure(self.cache, self.summary, self.log, item.video.relpath,
                                 f"its Ray worker died {item.deaths} times while extracting "
                                 f"it (last: {reason}); it may need more memory than a "
                                 f"worker has: raise --cpus-per-worker, or run it alone")
