@@ -54,7 +54,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ForeignCpu, machine_info, make_video, spread, wait_for_quiet  # noqa: E402
+from _common import (ForeignCpu, machine_info, make_video, spread, verdict,  # noqa: E402
+                     wait_for_quiet)
 
 TARGET_CACHED = 1.0  # vtx (cached shots) / peer
 TARGET_FRESH = 1.3  # vtx (fresh cache) / peer
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         if b is not None:
             ratio = b["wall_s"] / peer_best["wall_s"]
             ratios[side] = {"ratio": ratio, "target": target,
-                            "verdict": "PASS" if ratio <= target else "MISS"}
+                            "verdict": verdict(ratio, target)}
     result["ratios_over_peer"] = ratios
     if args.json:
         print(json.dumps(result, indent=2))

@@ -118,6 +118,30 @@ def synth_dir(tmp_path_factory) -> Path:
     return d
 
 
+def mounted_tmpfs(mnt: Path, size: str):
+    """Mount a fresh tmpfs of ``size`` (as ``mount -o size=``) on ``mnt`` for the duration of a
+    ``with`` block (Linux, root only; the test is skipped elsewhere)."""
+    import contextlib
+    import subprocess
+    import sys
+
+    @contextlib.contextmanager
+    def mounted():
+        mnt.mkdir(parents=True, exist_ok=True)
+        if sys.platform != "linux" or os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root on Linux")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+    return mounted()
+
+
 def vtx_env() -> dict:
     """Environment for running the ``vtx`` CLI in a subprocess (same TORCH_HOME, no network)."""
     env = dict(os.environ)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from vtx import SCHEMA_VERSION, __version__
-from conftest import copy_cache, vtx_env
+from conftest import copy_cache, mounted_tmpfs, vtx_env
 from vtx.errors import CacheMismatch, ReadOnly
 from vtx.features import FEATURES
 from vtx.io import cache as cache_mod
@@ -341,16 +341,8 @@ def tiny_videos(folder: Path, n: int) -> Path:
 @pytest.fixture
 def tmpfs(tmp_path):
     """A fresh 16 MB tmpfs (Linux, root only); skips elsewhere."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    if sys.platform != "linux" or os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root on Linux")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    with mounted_tmpfs(tmp_path / "tmpfs", "16m") as mnt:
+        yield mnt
 
 
 @pytest.fixture

@@ -639,19 +639,10 @@ def test_real_extracted_cache_end_to_end(synth_dir, tmp_path):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 64 KiB tmpfs (Linux, root only; skips elsewhere): room for one small checkpoint."""
-    import os
-    import subprocess
+    from conftest import mounted_tmpfs
 
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root on Linux")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    with mounted_tmpfs(tmp_path / "disk", "64k") as mnt:
+        yield mnt
 
 
 def test_a_full_disk_while_saving_a_checkpoint_is_a_disk_full_error(ml_data, ml_run, small_disk):

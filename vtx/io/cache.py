@@ -162,6 +162,9 @@ class CacheLock:
         self.release()
 
 
+_UNSET = object()  # versions_of(): no version given
+
+
 class CacheWriter:
     """Writes videos into a cache crash-safely; any number of writers may share one cache.
     Use as a context manager.
@@ -380,15 +383,35 @@ class CacheWriter:
         with h5py.File(self._file(e), "r") as f, guard(self.path, key, name):
             return f[e.obj][name][()]
 
-    def versions_of(self, key: str) -> index.Entry | None:
-        """:meth:`version` of one video with its record."""
-        e = self.version(key)
+    def versions_of(self, key: str, version=_UNSET) -> index.Entry | None:
+        """:meth:`version` of one video with its record (``version``: that version, when the
+        caller has it already)."""
+        e = self.version(key) if version is _UNSET else version
         return None if e is None else index.Entry(e.file, e.obj, e.time,
                                                   self._read_record(key, e))
 
-    def version(self, key: str) -> index.Entry | None:
+    def claimed(self, key: str) -> index.Entry | None:
+        """For the worker that has just claimed video ``key``: delete the unfinished part files
+        a killed worker left (nobody else writes them while the claim is held) and return the
+        video's newest version (as :meth:`version`), listing the parts folder once for both."""
+        prefix, finished = f"{claim_name(key)}-", []
+        try:
+            with os.scandir(self.parts) as entries:
+                for d in entries:
+                    if not d.name.startswith(prefix):
+                        continue
+                    if d.name.endswith(".tmp"):
+                        Path(d.path).unlink(missing_ok=True)
+                    elif d.name.endswith(".h5"):
+                        finished.append(Path(d.path))
+        except FileNotFoundError:  # no part written yet
+            pass
+        return self.version(key, finished)
+
+    def version(self, key: str, parts: list[Path] | None = None) -> index.Entry | None:
         """The newest version of one video (index or finished part), without its record;
-        None when the cache does not hold it. Reads only that video's entries."""
+        None when the cache does not hold it. Reads only that video's entries (``parts``: its
+        finished part files, when the caller has listed them)."""
         best = None
         if self.path.exists():
             with h5py.File(self.path, "r") as f, guard(self.path, key):
@@ -400,7 +423,9 @@ class CacheWriter:
                         best = index.Entry(name, link.path, index.part_time(name))
                     else:
                         best = index.Entry(None, f"/{VIDEOS}/{key}", 0)
-        for part in self.parts.glob(f"{claim_name(key)}-*.h5"):
+        if parts is None:
+            parts = self.parts.glob(f"{claim_name(key)}-*.h5")
+        for part in parts:
             t = index.part_time(part.name)
             if best is not None and best.time >= t:
                 continue
@@ -499,12 +524,6 @@ class CacheWriter:
                 self.read_only = f"{self.parts} cannot be written ({e.strerror or e})"
                 self.require_writable(f"{what} must be stored")
             raise
-
-    def remove_stale_tmp(self, key: str) -> None:
-        """Delete the unfinished part files of video ``key`` that a killed worker left (call
-        while holding the video's claim: nobody else writes them then)."""
-        for tmp in self.parts.glob(f"{claim_name(key)}-*.tmp"):
-            tmp.unlink(missing_ok=True)
 
     def _part_full(self, what: str, need: int, free: int) -> str:
         n = len(self.pending_parts())

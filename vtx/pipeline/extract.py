@@ -363,6 +363,15 @@ def extract(config: ExtractConfig, log: Callable[[str], None] | None = None,
     return summary
 
 
+def run_grid(config: ExtractConfig, specs: tuple[FeatureSpec, ...]):
+    """The run's grid view (:func:`vtx.pipeline.backbones.grid_prep`), or None when no
+    requested feature depends on it (building it needs torchvision, which a run without image
+    models does not import)."""
+    if not any(s.kind == "codec" or follows_grid_view(s) for s in specs):
+        return None
+    return grid_prep(config.vit_weights, config.full_frame_grids)
+
+
 def plan_run(cache: CacheWriter, config: ExtractConfig, specs: tuple[FeatureSpec, ...],
              videos: list[VideoInput], summary: ExtractSummary, log: Callable[[str], None]
              ) -> tuple[list[VideoJob], dict[str, int | None]]:
@@ -375,8 +384,8 @@ def plan_run(cache: CacheWriter, config: ExtractConfig, specs: tuple[FeatureSpec
         ReadOnly: videos need extracting into a read-only cache.
     """
     official = config.weights == "official"
-    view = (grid_prep(config.vit_weights, config.full_frame_grids).view
-            if any(follows_grid_view(s) for s in specs) else None)  # (needs torchvision)
+    grid = run_grid(config, specs)
+    view = grid.view if grid is not None else None
     wanted = {s.name: s.identity(config.weights, pca=config.vggish_pca and official,
                                  gop=config.gop_normalise, view=view) for s in specs}
     frame_level = any(s.level == "frame" for s in specs)
@@ -526,10 +535,8 @@ class _Run:
         self.summary, self.log, self.tmp = summary, log, tmp
         self.claims, self.planned, self.specs = claims, planned, specs
         self.preps = {k: bb.prep for k, bb in backbones.items() if bb.prep is not None}
-        grids = any(s.kind == "codec" or follows_grid_view(s) for s in specs)
         self.settings = FrameSettings(config.frames, config.motion_grid, config.residual_size,
-                                      grid_prep(config.vit_weights, config.full_frame_grids)
-                                      if grids else None)  # (the grid view needs torchvision)
+                                      run_grid(config, specs))
         self.schema = schema.RunSchema(dtype=config.dtype, shot_config=config.shots.to_json(),
                                        frame_sampling=config.frames.describe(),
                                        frame_config=config.frames.to_json(),
@@ -550,12 +557,11 @@ class _Run:
         if not self.claims.acquire(job.key):
             raise JobSkipped("another worker is extracting it")
         try:
-            self.cache.remove_stale_tmp(job.key)  # a killed worker's unfinished part
-            now = self.cache.version(job.key)
+            now = self.cache.claimed(job.key)  # (also deletes a killed worker's unfinished part)
             if (now.time if now is not None else None) == self.planned.get(job.key):
                 return
             # another worker wrote this video since the run started: plan it from that version
-            entry = self.cache.versions_of(job.key)
+            entry = self.cache.versions_of(job.key, now)
             fresh = _plan(job.vid, job.path, job.relpath, job.key, self.specs, entry,
                           self.cache)
             if fresh is None:
