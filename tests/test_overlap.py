@@ -1,7 +1,8 @@
 """Overlap of decoding and models: partial batches change the batches, never the features.
 
-The runner runs a partial batch whenever its queue is empty (``vtx/pipeline/runner.py``), so
-batch sizes and compositions depend on thread timing. These tests check what the runner's
+The runner runs a partial batch when its queue is empty and an input has waited
+``PARTIAL_WAIT_S`` (``vtx/pipeline/runner.py``), so batch sizes and compositions depend on
+thread timing. These tests check what the runner's
 docstring promises: a row depends on its own input only, to float rounding, whatever batch it
 ran in.
 """
@@ -9,6 +10,7 @@ ran in.
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -17,8 +19,9 @@ from vtx.features import FEATURES
 from vtx.pipeline.backbones import load_backbones
 from vtx.io.cache import video_key
 from vtx.pipeline.extract import discover_videos
-from vtx.pipeline.producer import ModelItem, VideoDone, VideoJob, VideoProducer
-from vtx.pipeline.runner import BatchRunner, run_jobs
+from vtx.pipeline.producer import (DirectItem, ModelItem, VideoDone, VideoJob,
+                                   VideoProducer)
+from vtx.pipeline.runner import PARTIAL_WAIT_S, BatchRunner, run_jobs
 from vtx.pipeline.shots import ShotConfig
 
 FEATURE_NAMES = ("resnet18", "r2plus1d", "vggish")
@@ -151,6 +154,94 @@ def test_partial_batches_overlap_decoding_and_keep_the_features(synth_dir, backb
             else:
                 np.testing.assert_array_equal(eager[rel][name], arr)
 
+
+
+def chatty_run(bb, items: list[np.ndarray], gap_s: float, chatter_s: float,
+               partial: bool = True) -> tuple[list[tuple[int, float]], float, float]:
+    """One video through run_jobs whose producer emits ``items`` (VGGish inputs) ``gap_s``
+    apart, then other messages only (a sampled frame's thumbnail, as a decode thread sends
+    every second of video) every 10 ms for ``chatter_s``, then its end. Returns the batches
+    that ran as (size, time after the first input), the time of the last input and the time
+    the producer finished, both after the first input."""
+    batches: list[tuple[int, float]] = []
+    times: dict[str, float] = {}
+    n = len(items)
+
+    def produce(job, emit, bar):
+        t0 = times["first"] = time.perf_counter()
+        for i, x in enumerate(items):
+            emit(ModelItem(job.vid, bb.key, i, x))
+            time.sleep(gap_s)
+        times["last"] = time.perf_counter() - t0
+        k = 0
+        while time.perf_counter() - t0 < times["last"] + chatter_s:
+            emit(DirectItem(job.vid, k, {"frame_thumbnail": np.zeros((2, 2, 3), np.uint8)}))
+            k += 1
+            time.sleep(0.01)
+        times["done"] = time.perf_counter() - t0
+        emit(VideoDone(job.vid, {}, {}, {bb.level: n, "frame": k}, {bb.key: n}, k))
+
+    runner = BatchRunner({bb.key: bb}, batch_size=16, on_batch=lambda key, m, s: batches.append(
+        (m, time.perf_counter() - times["first"])))
+    job = VideoJob(0, None, "x.mp4", "x.mp4", bb.specs, replace=True)
+    out, failures = [], []
+    run_jobs([job], runner, produce, workers=1, progress=False, partial_batches=partial,
+             on_video=out.append, on_failure=lambda job, reason: failures.append(reason))
+    assert not failures and len(out) == 1
+    assert out[0].arrays()[bb.features[0]].shape[0] == n  # every row came back
+    return batches, times["last"], times["done"]
+
+
+def test_other_messages_do_not_keep_a_waiting_input_from_its_model(backbones):
+    # A decode thread sends more than model inputs (a thumbnail per sampled frame): the queue
+    # never stays empty for PARTIAL_WAIT_S, yet the one pending shot must not wait for the
+    # video's end (the models idle until the last frame of a video of fewer shots than the
+    # batch size was what issue 13 set out to fix).
+    bb = backbones[FEATURES["vggish"].model_key]
+    items = inputs(bb, 3, np.random.default_rng(0))
+    batches, last, done = chatty_run(bb, items, gap_s=0.0, chatter_s=6 * PARTIAL_WAIT_S)
+    assert [m for m, _ in batches] == [3]
+    assert batches[0][1] < done - 2 * PARTIAL_WAIT_S, (batches, done)
+    # without partial batches the inputs wait for the end of the video
+    batches, _, done = chatty_run(bb, items, gap_s=0.0, chatter_s=2 * PARTIAL_WAIT_S,
+                                  partial=False)
+    assert [m for m, _ in batches] == [3] and batches[0][1] >= done
+
+
+def test_inputs_arriving_steadily_fill_batches(backbones, monkeypatch):
+    # VGGish examples of a decode-bound video arrive a few ms apart: they wait for one another
+    # (up to PARTIAL_WAIT_S, and longer while the rate they come at would fill the batch within
+    # another such wait), so the batches are full, not one per PARTIAL_WAIT_S of inputs.
+    import vtx.pipeline.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "PARTIAL_WAIT_S", 0.5)  # sleep jitter matters less
+    bb = backbones[FEATURES["vggish"].model_key]
+    items = inputs(bb, 20, np.random.default_rng(1))
+    batches, last, done = chatty_run(bb, items, gap_s=0.5 / 12, chatter_s=0.0)
+    # 12 inputs in the first 0.5 s (a batch of 12 without the rate rule): at that rate the
+    # other 4 come well within another 0.5 s
+    assert [m for m, _ in batches] == [16, 4], batches
+
+
+def test_a_partial_batch_serves_the_model_that_waited_longest(backbones):
+    # VGGish examples keep arriving while a shot's one clip waits: the clip's model runs first
+    # (picking the model with the most inputs would starve it until the video's end).
+    rng = np.random.default_rng(2)
+    vg, rn = (backbones[FEATURES[n].model_key] for n in ("vggish", "resnet18"))
+    ran: list[tuple[str, int]] = []
+    runner = BatchRunner({vg.key: vg, rn.key: rn}, 16,
+                         on_batch=lambda key, n, s: ran.append((key, n)))
+    runner.open(VideoJob(0, None, "x", "x", vg.specs + rn.specs, replace=True))
+    runner.put(ModelItem(0, rn.key, 0, inputs(rn, 1, rng)[0]))
+    time.sleep(0.002)
+    for i, x in enumerate(inputs(vg, 5, rng)):
+        runner.put(ModelItem(0, vg.key, i, x))
+    assert runner.waited() >= 0.002
+    runner.run_partial()
+    assert ran == [(rn.key, 1)]
+    runner.run_partial()
+    assert ran == [(rn.key, 1), (vg.key, 5)] and not runner.has_pending()
+    assert runner.waited() == 0.0
 
 
 def blas_threads() -> list[int]:

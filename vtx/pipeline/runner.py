@@ -7,15 +7,20 @@ runs each full batch, and routes every output row to its video's :class:`VideoAs
 video whose rows are all in is handed to ``on_video`` (``vtx extract`` writes it to the cache).
 The queue bound keeps memory constant whatever the number or length of the videos.
 
-**Overlap.** Whenever the queue stays empty for :data:`PARTIAL_WAIT_S`, so that the model
-thread would otherwise wait for the decode threads, it runs a *partial* batch: the pending
-inputs of the model run with the most of them (:meth:`BatchRunner.run_partial`). The models
-therefore start on the first shots while the rest of the video is still being decoded,
-instead of after its last frame when a video has no more shots than ``batch_size``; when the
-models are the slower side the queue fills during each batch and the batches are full again.
-(Running a partial batch at once, without the short wait, ran a decode-bound video's VGGish
-examples one at a time: 187 batches of one, 8.8 s of model time instead of 0.5 s;
-docs/BENCHMARKS.md, "Issue 13: targets".)
+**Overlap.** When the queue is empty, so that the model thread would otherwise wait for the
+decode threads, and a model input has been pending for :data:`PARTIAL_WAIT_S`, the model thread
+runs a *partial* batch of that model run's pending inputs (:meth:`BatchRunner.next_partial`;
+inputs that arrive fast enough to fill the batch within another such wait are let fill it, up
+to :data:`MAX_WAIT_FACTOR` waits). The models therefore start on the first shots while
+the rest of the video is still being decoded, instead of after its last frame when a video has
+no more shots than ``batch_size``; when the models are the slower side the queue fills during
+each batch and the batches are full again. The wait counts from the input's arrival, not from
+the last message: the decode threads send other messages all the time (a sampled frame's
+thumbnail every second of video), which must not keep the models idle. (Running a partial
+batch at once, without the short wait, ran a decode-bound video's VGGish examples one at a
+time: 187 batches of one, 8.8 s of model time instead of 0.5 s; docs/BENCHMARKS.md, "Issue 13:
+targets". Waiting for a quiet queue instead left R(2+1)D idle until the last frame of a video
+of 16 shots: "Issue 13, third pass".)
 
 **Features do not depend on thread timing** (beyond float rounding), although the batch sizes
 and compositions do:
@@ -66,9 +71,14 @@ copy to the device, the forward pass and the copy back included)."""
 INCOMPLETE = "internal error: the video's features were not all computed"
 
 PARTIAL_WAIT_S = 0.25
-"""How long the model thread waits on an empty queue, with inputs pending, before it runs a
-partial batch. Inputs that keep arriving within it (VGGish examples of a decode-bound video)
-fill batches instead of running one at a time."""
+"""How long a model input waits for its batch to fill before the model thread, finding the
+queue empty, runs it in a partial batch. Inputs that keep arriving within it (VGGish examples
+of a decode-bound video) fill batches instead of running one at a time; so do inputs arriving
+fast enough to fill the batch within another such wait (:meth:`BatchRunner.next_partial`)."""
+
+MAX_WAIT_FACTOR = 4
+"""A pending input never waits more than this many :data:`PARTIAL_WAIT_S` while the model
+thread is idle."""
 
 
 class VideoAssembler:
@@ -132,6 +142,7 @@ class BatchRunner:
         self.batch_size = batch_size
         self.on_batch = on_batch
         self.pending: dict[str, list[ModelItem]] = {k: [] for k in backbones}
+        self.since: dict[str, float] = {}  # model run -> arrival time of its oldest pending input
         self.videos: dict[int, VideoAssembler] = {}
 
     def open(self, job: VideoJob) -> VideoAssembler:
@@ -142,6 +153,8 @@ class BatchRunner:
     def put(self, msg: object) -> list[VideoAssembler]:
         """Take one producer message; returns the videos it completed (no longer tracked)."""
         if isinstance(msg, ModelItem):
+            if not self.pending[msg.model]:
+                self.since[msg.model] = time.perf_counter()
             self.pending[msg.model].append(msg)
             if len(self.pending[msg.model]) >= self.batch_size:
                 return self.run(msg.model)
@@ -164,6 +177,7 @@ class BatchRunner:
     def run(self, key: str) -> list[VideoAssembler]:
         """Run the pending inputs of one model as a batch; returns the videos completed."""
         items, self.pending[key] = self.pending[key], []
+        self.since.pop(key, None)
         if not items:
             return []
         t0 = time.perf_counter()
@@ -183,10 +197,44 @@ class BatchRunner:
         """Whether any model input waits for a batch."""
         return any(self.pending.values())
 
+    def waited(self) -> float:
+        """Seconds the oldest pending input has waited for its batch (0 when none is)."""
+        return time.perf_counter() - min(self.since.values()) if self.since else 0.0
+
+    def next_partial(self, wait: float) -> tuple[str | None, float]:
+        """Which model run is due for a partial batch, and else how long until one may be.
+
+        A model's pending inputs are due once the oldest has waited ``wait`` seconds, unless
+        inputs arriving at the rate they have arrived so far would fill the batch within
+        another ``wait`` (VGGish examples of a decode-bound video: full batches, not one every
+        ``wait``); never later than :data:`MAX_WAIT_FACTOR` times ``wait``. Of the due runs, the
+        one whose oldest input has waited longest. Returns ``(key, 0.0)`` or ``(None,
+        seconds)`` (``inf`` when nothing is pending).
+        """
+        now = time.perf_counter()
+        due, until = None, float("inf")
+        for key, since in sorted(self.since.items(), key=lambda kv: kv[1]):
+            n, age = len(self.pending[key]), now - since
+            cap = MAX_WAIT_FACTOR * wait
+            if age < wait:
+                until = min(until, wait - age)
+                continue
+            fill = (self.batch_size - n) * age / n  # at the rate so far
+            if fill <= wait and age < cap:
+                until = min(until, fill, cap - age)
+                continue
+            due = key
+            break
+        return (due, 0.0) if due is not None else (None, max(until, 1e-3))
+
     def run_partial(self) -> list[VideoAssembler]:
-        """Run the pending inputs of the model run with the most of them (ties: the first in
-        ``backbones`` order), full batch or not; returns the videos completed."""
-        key = max(self.pending, key=lambda k: len(self.pending[k]))
+        """Run the pending inputs of the model run whose oldest input has waited longest
+        (ties: the one with the most), full batch or not; returns the videos completed. A model
+        whose inputs keep arriving never keeps a slower one's few inputs waiting."""
+        pending = [k for k in self.pending if self.pending[k]]
+        if not pending:
+            return []
+        key = min(pending, key=lambda k: (self.since.get(k, 0.0), -len(self.pending[k])))
         return self.run(key)
 
     def flush(self) -> list[VideoAssembler]:
@@ -320,10 +368,16 @@ def _run_jobs(jobs, runner, produce, *, workers, on_video, on_failure, progress,
                 msg = q.get_nowait()
             except queue.Empty:
                 if partial_batches and runner.has_pending():
-                    try:  # inputs arriving steadily fill the batch (no batches of one)
-                        msg = q.get(timeout=PARTIAL_WAIT_S)
-                    except queue.Empty:  # the decode threads are the slower side: run now
-                        finished(runner.run_partial())
+                    # the decode threads are the slower side: a model whose inputs have waited
+                    # long enough runs them now (counted from their arrival: other messages do
+                    # not reset it), else wait for the next message or that moment
+                    key, wait = runner.next_partial(PARTIAL_WAIT_S)
+                    if key is not None:
+                        finished(runner.run(key))
+                        continue
+                    try:
+                        msg = q.get(timeout=wait)
+                    except queue.Empty:
                         continue
                 else:
                     msg = q.get()
