@@ -20,6 +20,9 @@ producer
 audio
     A ``vggish``-only producer: first run (every frame decoded for the shot detector) and the
     same job resumed with the shots known (audio stream only, no frame decoded).
+
+The producers run with numpy's BLAS on one thread (``runner.one_blas_thread``), as in ``vtx
+extract``.
 scaler
     Whether PyAV's scaler (``frame.reformat`` straight to the detector's input size, in C) would
     give PySceneDetect's cuts: ContentDetector cuts and CPU-seconds per interpolation against
@@ -98,8 +101,11 @@ def run_producer(path: Path, specs: tuple, lazy_bytes: int | None = None, known_
     kw = {} if lazy_bytes is None else {"lazy_bytes": lazy_bytes}
     p = VideoProducer(job, preps, ShotConfig(),
                       lambda m: done.append(m) if isinstance(m, VideoDone) else None, **kw)
-    c0, t0 = time.process_time(), time.perf_counter()
-    p.run()
+    from vtx.pipeline.runner import one_blas_thread
+
+    with one_blas_thread():  # as vtx extract runs its decode threads
+        c0, t0 = time.process_time(), time.perf_counter()
+        p.run()
     return time.process_time() - c0, time.perf_counter() - t0, p.buffer.reduced, done[-1]
 
 

@@ -15,9 +15,12 @@ vtx, fresh cache (target: at most 1.3 times the peer)
 peer
     Where video_features is installed (``--peer-dir`` = a checkout, or an importable
     ``video_features`` package that has its ``main.py``) its CLI runs: ``python main.py
-    feature_type=vggish device=cpu video_paths=[VIDEO] on_extraction=save_numpy ...``. Elsewhere
-    (it is not installed on the machine this was written on, which is offline) the peer's steps
-    run instead, in a child process: decode the audio to a 16 kHz mono 16-bit WAV file (the peer
+    feature_type=vggish device=cpu video_paths=[VIDEO] on_extraction=save_numpy ...``, with
+    ``--peer-python`` as its interpreter (a command: ``"env PYTHONPATH=SITE python"`` for the
+    packages ``bench/setup_peer.py`` installs, or a conda environment's python).
+    ``bench/setup_peer.py`` makes a checkout runnable (its extra packages, a check for ``ffmpeg``,
+    and on offline machines random checkpoints under the official names). Elsewhere the peer's
+    steps run instead, in a child process: decode the audio to a 16 kHz mono 16-bit WAV file (the peer
     calls the ``ffmpeg`` CLI; the ``ffmpeg`` on ``PATH`` is used where there is one, else PyAV
     does the same decode + resample + PCM write in process), read the WAV back, log-mel
     examples (vtx's front end, ``vtx.io.audio.waveform_to_examples``, the reference framing the
@@ -38,7 +41,9 @@ weights) and ``--precision`` (default ``auto``: bf16 on CPUs with AVX512-BF16).
 Usage::
 
     python bench/vggish_vs_peer.py --workdir /tmp/vtx-bench-13 --repeats 3 --quiet-wait 60
-    python bench/vggish_vs_peer.py some_trailer.mp4 --peer-dir ~/video_features --json
+    python bench/setup_peer.py /tmp/video_features --site /tmp/peer-site --random-weights
+    python bench/vggish_vs_peer.py --peer-dir /tmp/video_features \
+        --peer-python "env PYTHONPATH=/tmp/peer-site $(which python)" --json
 """
 
 from __future__ import annotations
@@ -196,13 +201,33 @@ def find_peer(peer_dir: Path | None) -> Path | None:
     return None
 
 
+PEER_PYTHON: list[str] | None = None  # --peer-python
+
+
+def peer_version(peer: Path) -> str:
+    """The checkout's commit where git knows it, else its folder."""
+    try:
+        head = subprocess.run(["git", "-C", str(peer), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        head = None
+    if head is not None and head.returncode == 0 and head.stdout.strip():
+        return f"commit {head.stdout.strip()} at {peer}"
+    return f"at {peer}"
+
+
 def peer_run(video: Path, tmp: Path, peer: Path | None, use_ffmpeg: bool) -> dict:
     if peer is not None:  # the real peer, through its CLI
-        r = run_child([sys.executable, "main.py", "feature_type=vggish", "device=cpu",
-                       f"video_paths=[{video}]", "on_extraction=save_numpy",
-                       f"output_path={tmp / 'out'}", f"tmp_path={tmp / 'tmp'}"], cwd=peer)
+        r = run_child((PEER_PYTHON or [sys.executable])
+                      + ["main.py", "feature_type=vggish", "device=cpu",
+                         f"video_paths=[{video.resolve()}]", "on_extraction=save_numpy",
+                         f"output_path={tmp.resolve() / 'out'}",
+                         f"tmp_path={tmp.resolve() / 'tmp'}"], cwd=peer)
         r.pop("stdout")
         r["split"] = None
+        out = tmp / "out" / "vggish" / f"{video.stem}_vggish.npy"
+        if not out.is_file():
+            raise SystemExit(f"the peer wrote no features ({out} missing)")
         return r
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path.cwd()), env.get("PYTHONPATH")]))
@@ -239,6 +264,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--peer-dir", type=Path, default=None,
                    help="a video_features checkout to run as the peer [default: an importable "
                         "video_features package, else the peer's steps]")
+    p.add_argument("--peer-python", default=None, metavar="CMD",
+                   help="the interpreter that runs the peer's main.py, split like a shell "
+                        "would, e.g. \"env PYTHONPATH=SITE python\" [default: this python]")
     p.add_argument("--no-ffmpeg", action="store_true",
                    help="peer's steps: decode the audio with PyAV even if ffmpeg is on PATH")
     p.add_argument("--vtx-cmd", default=None, metavar="CMD",
@@ -253,6 +281,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         import shlex
 
         VTX_CMD = shlex.split(args.vtx_cmd)
+    if args.peer_python:
+        global PEER_PYTHON
+        import shlex
+
+        PEER_PYTHON = shlex.split(args.peer_python)
 
     if args.peer_steps is not None:  # child: the peer's steps on one video
         print(json.dumps(peer_steps(args.peer_steps, args.workdir, not args.no_ffmpeg)))
@@ -302,7 +335,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     result = {
         "benchmark": "vggish_vs_peer",
         "video": desc,
-        "peer": "video_features CLI" if peer else "peer steps (video_features not installed)",
+        "peer": (f"video_features CLI ({peer_version(peer)})" if peer
+                 else "peer steps (video_features not installed)"),
         "precision": args.precision,
         "repeats": args.repeats,
         "resnet18_seed_run": seed_run,
