@@ -244,6 +244,24 @@ def test_a_partial_batch_serves_the_model_that_waited_longest(backbones):
     assert runner.waited() == 0.0
 
 
+def test_a_failed_video_leaves_no_input_waiting(backbones):
+    # its pending inputs go with it; when they were the only ones, nothing is due any more
+    rng = np.random.default_rng(3)
+    vg = backbones[FEATURES["vggish"].model_key]
+    runner = BatchRunner({vg.key: vg}, 16)
+    for vid in (0, 1):
+        runner.open(VideoJob(vid, None, f"{vid}", f"{vid}", vg.specs, replace=True))
+    runner.put(ModelItem(0, vg.key, 0, inputs(vg, 1, rng)[0]))
+    runner.put(ModelItem(1, vg.key, 0, inputs(vg, 1, rng)[0]))
+    runner.fail(0)
+    assert [it.vid for it in runner.pending[vg.key]] == [1]
+    key, _ = runner.next_partial(0.0)
+    assert key == vg.key
+    runner.fail(1)
+    assert not runner.has_pending() and runner.waited() == 0.0
+    assert runner.next_partial(0.0) == (None, float("inf"))
+
+
 def blas_threads() -> list[int]:
     from threadpoolctl import threadpool_info
 

@@ -172,6 +172,8 @@ class BatchRunner:
         """Forget a failed video and its pending inputs."""
         for key in self.pending:
             self.pending[key] = [it for it in self.pending[key] if it.vid != vid]
+            if not self.pending[key]:  # else the oldest left arrived no earlier: wait less
+                self.since.pop(key, None)
         return self.videos.pop(vid)
 
     def run(self, key: str) -> list[VideoAssembler]:
@@ -215,6 +217,8 @@ class BatchRunner:
         due, until = None, float("inf")
         for key, since in sorted(self.since.items(), key=lambda kv: kv[1]):
             n, age = len(self.pending[key]), now - since
+            if not n:
+                continue
             cap = MAX_WAIT_FACTOR * wait
             if age < wait:
                 until = min(until, wait - age)
