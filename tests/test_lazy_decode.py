@@ -101,3 +101,74 @@ def test_resume_converts_no_frame_it_does_not_sample(video, monkeypatch):
     assert given and not any(given)
     assert p.buffer.reduced <= 3 * 13
     assert_same(inputs(resumed), inputs(first))
+
+
+class CountingPrep:
+    """A model's real FramePrep that counts the frames it reduces."""
+
+    def __init__(self, prep):
+        self.prep, self.calls = prep, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.prep(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.prep, name)
+
+
+@pytest.fixture(scope="module")
+def long_shot_video(tmp_path_factory):
+    """A 400-frame shot between two short ones: past a small budget, and past the capacity."""
+    path = tmp_path_factory.mktemp("lazy_long") / "long.mp4"
+    write_video(path, [Shot(30, 0, (2, 0)), Shot(400, 3, (1, 1)), Shot(40, 5, (0, 2))],
+                size=(112, 64), fps=25)
+    return path
+
+
+def produce_counting(path, lazy_bytes: int, known_shots=None, max_shot_len=None):
+    msgs: list = []
+    counting = {k: CountingPrep(p) for k, p in preps().items()}
+    job = VideoJob(0, path, path.name, path.name, SPECS, replace=known_shots is None,
+                   known_shots=known_shots)
+    p = VideoProducer(job, counting, ShotConfig(max_shot_len=max_shot_len), msgs.append,
+                      thumbnail=ThumbnailPrep(), capacity=140, lazy_bytes=lazy_bytes)
+    p.run()
+    return msgs, p, {k: c.calls for k, c in counting.items()}
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_long_shot_past_the_budget_lets_its_first_frames_go_for_the_centre_model(
+        long_shot_video, resume):
+    # Past the budget, a long shot's first frames can no longer be its centre frame: they are
+    # reduced for the clip model (R(2+1)D) only and let go, instead of the newest frame being
+    # reduced for every model. The inputs stay the same, bit for bit.
+    eager, _, eager_calls = produce_counting(long_shot_video, lazy_bytes=0)
+    shots = eager[-1].fixed["shots"]
+    assert len(shots) == 3 and shots[1, 1] - shots[1, 0] == 400
+    known = shots if resume else None
+    frame_bytes = 112 * 64 * 3 // 2
+    for budget in (20, 60):  # frames held decoded
+        lazy, p, calls = produce_counting(long_shot_video, lazy_bytes=budget * frame_bytes,
+                                          known_shots=known)
+        assert_same(inputs(lazy), inputs(eager))
+        assert_same(thumbs(lazy), thumbs(eager))
+        assert p.buffer.lazy <= budget * frame_bytes
+        assert p.buffer.let_go >= 15, (budget, p.buffer.let_go)
+        resnet, r21d = (s.model_key for s in SPECS)
+        n_frames = eager[-1].attrs["n_frames"]
+        assert eager_calls[resnet] == eager_calls[r21d] == n_frames
+        # R(2+1)D still reduces the frames let go; ResNet-18 (centre frame) fewer
+        assert calls[resnet] <= calls[r21d] - 15, (budget, calls)
+
+
+def test_split_shots_let_no_frame_go(long_shot_video):
+    # with --max-shot-len any frame can be a part's centre frame: nothing is let go
+    eager, _, _ = produce_counting(long_shot_video, lazy_bytes=0, max_shot_len=4.0)
+    frame_bytes = 112 * 64 * 3 // 2
+    lazy, p, _ = produce_counting(long_shot_video, lazy_bytes=20 * frame_bytes,
+                                  max_shot_len=4.0)
+    assert eager[-1].rows["shot"] > 3  # the 16 s shot was split
+    assert p.buffer.let_go == 0
+    assert_same(inputs(lazy), inputs(eager))
+    assert_same(thumbs(lazy), thumbs(eager))

@@ -14,8 +14,10 @@ demuxed in the same pass) and hands every decoded frame to:
   reduced, each for the models that sample it only, to the model's input size
   (:class:`FramePrep`, exactly the weights' transform). Any frame can still become a sampled
   one when it is decoded, so reducing on arrival would reduce every frame for every model;
-  past the buffer's byte budget (:data:`vtx.pipeline.shots.LAZY_BYTES`) frames are reduced on
-  arrival again;
+  past the buffer's byte budget (:data:`vtx.pipeline.shots.LAZY_BYTES`) a long shot's first
+  frames, which can no longer become its centre frame (:meth:`VideoProducer.still_wanted`), are
+  reduced for the clip models only and let go, and frames that still exceed it are reduced on
+  arrival for every model;
 * the frame sampler: a sampled frame is reduced for every frame-level image model, and its codec
   arrays are computed on the spot (:class:`vtx.pipeline.codec.CodecStream`);
 * (audio) the 16 kHz resampler and the incremental log-mel front end of VGGish.
@@ -242,8 +244,16 @@ class VideoProducer:
                                       reader.frame_rate, self.to_rgb))
         self.sampler = (KnownFrames(job.known_frames) if job.known_frames is not None else
                         FrameSampler(self.settings.sampling, reader.expected_duration))
+        # centre-frame inputs (image models, the thumbnail) and the clip models' inputs
+        self.centre_keys = {k for k, (n, _) in self.shot_models.items() if n <= 1}
+        if self.thumbnail is not None:
+            self.centre_keys.add(THUMBNAIL)
+        self.clip_keys = set(self.shot_models) - self.centre_keys
+        letting_go = bool(self.centre_keys) and (job.known_shots is not None or
+                                                 self.shot_config.max_shot_len is None)
         self.buffer = ShotBuffer(capacity=self.capacity, reduce=self.reduce,
-                                 lazy_bytes=self.lazy_bytes)
+                                 lazy_bytes=self.lazy_bytes,
+                                 wanted=self.still_wanted if letting_go else None)
         self.codec_stream = (CodecStream(self.codec, info.width, info.height,
                                          self.settings.motion_grid, self.settings.residual_size,
                                          legacy=self.settings.legacy_grids)
@@ -301,6 +311,26 @@ class VideoProducer:
         if self.thumbnail is not None and (keys is None or THUMBNAIL in keys):
             reduced[THUMBNAIL] = self.thumbnail(rgb, rotation)
         return reduced
+
+    def still_wanted(self, index: int, newest: int, gap: int) -> set[str] | None:
+        """The keys that may still sample held frame ``index`` of the open shot now that frame
+        ``newest`` has arrived (``gap``: the widest spacing of the held frames); None: every key.
+
+        A clip model may sample any frame of the shot (its frames span the whole shot, however
+        long it gets). The centre frame ``start + (end - start) // 2`` can only move later as
+        the shot grows, and its end is at least ``newest`` less the detector's delay (a cut may
+        name a frame that far back); the buffer then takes the nearest held frame, off by less
+        than the spacing of the held frames, which decimation widens to at most about 1/33 of
+        the shot's length. So a frame well before the earliest possible centre (a margin of 4
+        gaps, 1/16 of the shot so far and 4 frames) can no longer be any shot's centre frame.
+        Not used when shots are split (``--max-shot-len``: any frame can be a part's centre).
+        """
+        a = self.start
+        delay = getattr(self.detector, "max_delay", 0)
+        end_min = max(a + 1, newest - delay)
+        centre_min = a + (end_min - a) // 2
+        margin = 4 * gap + (end_min - a) // 16 + 4
+        return set(self.clip_keys) if index < centre_min - margin else None
 
     def close_shot(self, end: int, end_time: float) -> None:
         """The open shot ends before frame ``end``: emit its clips (split when too long)."""

@@ -233,6 +233,7 @@ class ShotDetector:
         # Cuts can name a frame a few frames back; remember enough positions to map them.
         self._recent: deque[tuple[FrameTimecode, int]] = deque(
             maxlen=max(64, 2 * int(self.detector.event_buffer_length) + 8))
+        self.max_delay = self._recent.maxlen  # a cut names a frame at most this far back
         self._last: FrameTimecode | None = None
 
     def wants_rgb(self, av_frame) -> bool:
@@ -315,9 +316,11 @@ class ShotBuffer:
     (:meth:`add_lazy`), and then reduced by ``reduce`` only when a shot samples it, and only for
     the models that sample it (:meth:`get`): which frames a shot samples is known only once the
     shot ends, and any frame can still become a sampled one when it arrives, so reducing on
-    arrival reduces every frame for every model. Decoded frames are held up to ``lazy_bytes``; a
-    frame that would exceed it is reduced at once. Which frames are kept, and so sampled, does
-    not depend on how they are held.
+    arrival reduces every frame for every model. Decoded frames are held up to ``lazy_bytes``.
+    Past it, the oldest held frames that some models can no longer sample (``wanted``: a long
+    shot's first frames cannot become its centre frame) are reduced for the other models only
+    and let go, oldest first; a frame that would still exceed the budget is reduced at once, for
+    every model. Which frames are kept, and so sampled, does not depend on how they are held.
 
     Args:
         capacity: most frames held at once.
@@ -326,23 +329,29 @@ class ShotBuffer:
             ``keys`` or (None) for every model (``rgb`` its RGB array when already at hand, else
             None).
         lazy_bytes: most bytes of decoded frames held unreduced.
+        wanted: ``wanted(index, newest, gap)``: the keys that may still sample the held frame
+            ``index`` now that frame ``newest`` has arrived (``gap``: the widest spacing of the
+            held frames), or None for every key; None (the default): every frame, every key.
     """
 
     def __init__(self, capacity: int = 300, lookback: int = 64,
                  reduce: Callable[[object, np.ndarray | None], dict] | None = None,
-                 lazy_bytes: int = LAZY_BYTES):
+                 lazy_bytes: int = LAZY_BYTES,
+                 wanted: Callable[[int, int, int], set[str] | None] | None = None):
         if capacity < 2 * lookback + 2:
             raise ValueError("capacity must exceed twice the lookback")
         self.capacity = capacity
         self.lookback = lookback
         self.reduce = reduce
         self.lazy_bytes = lazy_bytes
+        self.wanted = wanted
         self.index: list[int] = []
         self.time: list[float] = []
         self.items: list = []  # reduced arrays (a dict), or a decoded frame not reduced yet
         self.nbytes: list[int] = []  # bytes of each unreduced frame, 0 once reduced
         self.lazy = 0  # bytes of the unreduced frames held
         self.reduced = 0  # frames reduced so far (on arrival or when sampled)
+        self.let_go = 0  # held frames reduced for the models still wanting them, then let go
         # Times of every frame of the open shot (8 bytes each) give exact split boundaries.
         self._times: dict[int, float] = {}
 
@@ -353,7 +362,10 @@ class ShotBuffer:
     def add_lazy(self, index: int, time: float, frame, nbytes: int,
                  rgb: np.ndarray | None = None) -> None:
         """Hold a decoded ``frame`` of ``nbytes`` bytes, to reduce only if a shot samples it;
-        reduced at once (from ``rgb`` when given) if it would exceed ``lazy_bytes``."""
+        reduced at once (from ``rgb`` when given) if it would exceed ``lazy_bytes`` after the
+        held frames that fewer models can still sample were let go."""
+        if self.lazy + nbytes > self.lazy_bytes and self.wanted is not None:
+            self._let_go(index, self.lazy + nbytes - self.lazy_bytes)
         if self.lazy + nbytes > self.lazy_bytes:
             self.reduced += 1
             self._append(index, time, self.reduce(frame, rgb, None), 0)
@@ -365,7 +377,11 @@ class ShotBuffer:
         (None) all. A frame held as decoded is reduced now, for ``keys`` only, and stays held
         as decoded (so that another key can still be asked for) until :meth:`release`."""
         if not self.nbytes[pos]:
-            return self.items[pos]
+            arrays = self.items[pos]
+            if keys is not None and not set(keys) <= arrays.keys():
+                raise RuntimeError(f"internal error: frame {self.index[pos]} was let go without "
+                                   f"{sorted(set(keys) - arrays.keys())}, which a shot samples")
+            return arrays
         frame, arrays = self.items[pos]
         if not arrays:
             self.reduced += 1
@@ -379,6 +395,31 @@ class ShotBuffer:
         if missing:
             arrays.update(self.reduce(frame, None, missing))
         return arrays
+
+    def _let_go(self, newest: int, need: int) -> None:
+        """Free ``need`` bytes of held frames, oldest first, by reducing each for the keys that
+        may still sample it (``wanted``) and letting its decoded frame go; stops at the first
+        frame every key may still want (the later ones are no less wanted)."""
+        gap = max((b - a for a, b in zip(self.index, self.index[1:])), default=1)
+        for pos in range(len(self.index)):
+            if need <= 0:
+                break
+            if not self.nbytes[pos]:
+                continue
+            keys = self.wanted(self.index[pos], newest, gap)
+            if keys is None:
+                break
+            frame, arrays = self.items[pos]
+            missing = set(keys) - arrays.keys()
+            if missing:
+                if not arrays:
+                    self.reduced += 1
+                arrays.update(self.reduce(frame, None, missing))
+            self.items[pos] = arrays
+            need -= self.nbytes[pos]
+            self.lazy -= self.nbytes[pos]
+            self.nbytes[pos] = 0
+            self.let_go += 1
 
     def _append(self, index: int, time: float, item, nbytes: int) -> None:
         self.index.append(index)
