@@ -20,13 +20,19 @@ from vtx.pipeline.shots import ShotConfig
 SPECS = (FEATURES["resnet18"], FEATURES["r2plus1d"])
 
 
+def three_shots(tmp_path_factory, name: str, lengths: tuple[int, int, int]):
+    """A 112x64 video of three shots of ``lengths`` frames."""
+    path = tmp_path_factory.mktemp(name) / f"{name}.mp4"
+    (n1, n2, n3) = lengths
+    write_video(path, [Shot(n1, 0, (2, 0)), Shot(n2, 3, (1, 1)), Shot(n3, 5, (0, 2))],
+                size=(112, 64), fps=25)
+    return path
+
+
 @pytest.fixture(scope="module")
 def video(tmp_path_factory):
     """Three shots, the middle one longer than the buffer's capacity below (decimation)."""
-    path = tmp_path_factory.mktemp("lazy") / "v.mp4"
-    write_video(path, [Shot(20, 0, (2, 0)), Shot(170, 3, (1, 1)), Shot(26, 5, (0, 2))],
-                size=(112, 64), fps=25)
-    return path
+    return three_shots(tmp_path_factory, "lazy", (20, 170, 26))
 
 
 def preps() -> dict[str, FramePrep]:
@@ -34,12 +40,28 @@ def preps() -> dict[str, FramePrep]:
             for s in SPECS}
 
 
-def produce(path, lazy_bytes: int, known_shots=None, thumbnails: bool = True):
+class CountingPrep:
+    """A model's real FramePrep that counts the frames it reduces."""
+
+    def __init__(self, prep):
+        self.prep, self.calls = prep, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.prep(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.prep, name)
+
+
+def produce(path, lazy_bytes: int, known_shots=None, thumbnails: bool = True,
+            max_shot_len=None, counting: bool = False):
     """Every message of one producer run, and the producer (for its buffer's counters)."""
     msgs: list = []
     job = VideoJob(0, path, path.name, path.name, SPECS, replace=known_shots is None,
                    known_shots=known_shots)
-    p = VideoProducer(job, preps(), ShotConfig(), msgs.append,
+    transforms = {k: CountingPrep(p) if counting else p for k, p in preps().items()}
+    p = VideoProducer(job, transforms, ShotConfig(max_shot_len=max_shot_len), msgs.append,
                       thumbnail=ThumbnailPrep() if thumbnails else None, capacity=140,
                       lazy_bytes=lazy_bytes)
     p.run()
@@ -103,38 +125,16 @@ def test_resume_converts_no_frame_it_does_not_sample(video, monkeypatch):
     assert_same(inputs(resumed), inputs(first))
 
 
-class CountingPrep:
-    """A model's real FramePrep that counts the frames it reduces."""
-
-    def __init__(self, prep):
-        self.prep, self.calls = prep, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.prep(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.prep, name)
-
-
 @pytest.fixture(scope="module")
 def long_shot_video(tmp_path_factory):
     """A 400-frame shot between two short ones: past a small budget, and past the capacity."""
-    path = tmp_path_factory.mktemp("lazy_long") / "long.mp4"
-    write_video(path, [Shot(30, 0, (2, 0)), Shot(400, 3, (1, 1)), Shot(40, 5, (0, 2))],
-                size=(112, 64), fps=25)
-    return path
+    return three_shots(tmp_path_factory, "lazy_long", (30, 400, 40))
 
 
 def produce_counting(path, lazy_bytes: int, known_shots=None, max_shot_len=None):
-    msgs: list = []
-    counting = {k: CountingPrep(p) for k, p in preps().items()}
-    job = VideoJob(0, path, path.name, path.name, SPECS, replace=known_shots is None,
-                   known_shots=known_shots)
-    p = VideoProducer(job, counting, ShotConfig(max_shot_len=max_shot_len), msgs.append,
-                      thumbnail=ThumbnailPrep(), capacity=140, lazy_bytes=lazy_bytes)
-    p.run()
-    return msgs, p, {k: c.calls for k, c in counting.items()}
+    """As :func:`produce`, with the frames each model's transform reduced, by model."""
+    msgs, p = produce(path, lazy_bytes, known_shots, max_shot_len=max_shot_len, counting=True)
+    return msgs, p, {k: c.calls for k, c in p.preps.items()}
 
 
 @pytest.mark.parametrize("resume", [False, True])
