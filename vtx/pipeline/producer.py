@@ -323,11 +323,17 @@ class VideoProducer:
         than the spacing of the held frames, which decimation widens to at most about 1/33 of
         the shot's length. So a frame well before the earliest possible centre (a margin of 4
         gaps, 1/16 of the shot so far and 4 frames) can no longer be any shot's centre frame.
+        With the shots known (resume) the centre is known, and the frames well after it go too.
         Not used when shots are split (``--max-shot-len``: any frame can be a part's centre).
         """
         a = self.start
-        delay = getattr(self.detector, "max_delay", 0)
-        end_min = max(a + 1, newest - delay)
+        end = self.detector.end_of(a) if isinstance(self.detector, KnownShots) else None
+        if end is not None and end > newest:
+            centre = a + (end - a) // 2
+            margin = 4 * gap + (end - a) // 16 + 4
+            far = index < centre - margin or index > centre + margin
+            return set(self.clip_keys) if far else None
+        end_min = max(a + 1, newest - self.detector.max_delay)
         centre_min = a + (end_min - a) // 2
         margin = 4 * gap + (end_min - a) // 16 + 4
         return set(self.clip_keys) if index < centre_min - margin else None

@@ -274,8 +274,15 @@ class ShotDetector:
 class KnownShots:
     """Replays shots already stored in the cache (resume), with ShotDetector's interface."""
 
+    max_delay = 0  # a cut is reported on its own frame
+
     def __init__(self, shots: np.ndarray):
         self._starts = set(int(s) for s in shots[1:, 0]) if len(shots) else set()
+        self._ends = {int(a): int(b) for a, b in shots} if len(shots) else {}
+
+    def end_of(self, start: int) -> int | None:
+        """The end of the stored shot that starts at frame ``start`` (None if none does)."""
+        return self._ends.get(start)
 
     def wants_rgb(self, av_frame) -> bool:
         return False
