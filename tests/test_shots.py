@@ -234,6 +234,29 @@ def test_shot_buffer_reduces_a_held_frame_only_for_the_models_that_sample_it():
     assert calls[-1] == (5, None) and buf.lazy == 40
 
 
+def test_shot_buffer_lets_go_the_oldest_frames_for_the_keys_still_wanted():
+    calls = []
+
+    def reduce(frame, rgb, keys):
+        calls.append((frame, None if keys is None else sorted(keys)))
+        return {k: np.full(1, frame) for k in (keys or ("a", "b"))}
+
+    def wanted(index, newest, gap):  # "b" (a centre model) can no longer sample frames < 2
+        return {"a"} if index < 2 else None
+
+    buf = ShotBuffer(capacity=40, lookback=8, reduce=reduce, lazy_bytes=50, wanted=wanted)
+    for i in range(5):
+        buf.add_lazy(i, i / 10, i, nbytes=10)
+    assert not calls and buf.lazy == 50
+    buf.add_lazy(5, 0.5, 5, nbytes=15)  # 15 over: frames 0 and 1 go, reduced for "a" only
+    assert calls == [(0, ["a"]), (1, ["a"])] and buf.let_go == 2 and buf.lazy == 45
+    buf.add_lazy(6, 0.6, 6, nbytes=10)  # frame 2 is still wanted by every key: 6 is reduced
+    assert calls[-1] == (6, None) and buf.let_go == 2 and buf.lazy == 45
+    assert buf.get(0, {"a"}) == {"a": np.full(1, 0)}
+    with pytest.raises(RuntimeError, match="internal error: frame 1 was let go without"):
+        buf.get(1, {"a", "b"})  # never silently without the input a shot asks for
+
+
 def test_shot_config_json_is_stable():
     a = json.loads(ShotConfig().to_json())
     assert a == {"detector": "content", "threshold": 27.0, "min_shot_len": "15",
