@@ -52,6 +52,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -278,13 +279,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = p.parse_args(argv)
     if args.vtx_cmd:
         global VTX_CMD
-        import shlex
-
         VTX_CMD = shlex.split(args.vtx_cmd)
     if args.peer_python:
         global PEER_PYTHON
-        import shlex
-
         PEER_PYTHON = shlex.split(args.peer_python)
 
     if args.peer_steps is not None:  # child: the peer's steps on one video

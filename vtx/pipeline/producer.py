@@ -202,6 +202,10 @@ class VideoProducer:
         self.frame_level = job.frame_level
         self.audio_only = job.audio_only and thumbnail is None
         self.buffered = bool(self.shot_models) or thumbnail is not None  # shot inputs to hold
+        # centre-frame inputs (image models, the thumbnail) and the clip models' inputs
+        self.centre_keys = frozenset([k for k, (n, _) in self.shot_models.items() if n <= 1]
+                                     + ([THUMBNAIL] if thumbnail is not None else []))
+        self.clip_keys = frozenset(self.shot_models) - self.centre_keys
         self.shots: list[tuple[int, int]] = []
         self.shot_times: list[tuple[float, float]] = []
         self.frames: list[int] = []
@@ -244,11 +248,6 @@ class VideoProducer:
                                       reader.frame_rate, self.to_rgb))
         self.sampler = (KnownFrames(job.known_frames) if job.known_frames is not None else
                         FrameSampler(self.settings.sampling, reader.expected_duration))
-        # centre-frame inputs (image models, the thumbnail) and the clip models' inputs
-        self.centre_keys = {k for k, (n, _) in self.shot_models.items() if n <= 1}
-        if self.thumbnail is not None:
-            self.centre_keys.add(THUMBNAIL)
-        self.clip_keys = set(self.shot_models) - self.centre_keys
         letting_go = bool(self.centre_keys) and (job.known_shots is not None or
                                                  self.shot_config.max_shot_len is None)
         self.buffer = ShotBuffer(capacity=self.capacity, reduce=self.reduce,
@@ -312,7 +311,7 @@ class VideoProducer:
             reduced[THUMBNAIL] = self.thumbnail(rgb, rotation)
         return reduced
 
-    def still_wanted(self, index: int, newest: int, gap: int) -> set[str] | None:
+    def still_wanted(self, index: int, newest: int, gap: int) -> frozenset[str] | None:
         """The keys that may still sample held frame ``index`` of the open shot now that frame
         ``newest`` has arrived (``gap``: the widest spacing of the held frames); None: every key.
 
@@ -327,16 +326,13 @@ class VideoProducer:
         Not used when shots are split (``--max-shot-len``: any frame can be a part's centre).
         """
         a = self.start
-        end = self.detector.end_of(a) if isinstance(self.detector, KnownShots) else None
-        if end is not None and end > newest:
-            centre = a + (end - a) // 2
-            margin = 4 * gap + (end - a) // 16 + 4
-            far = index < centre - margin or index > centre + margin
-            return set(self.clip_keys) if far else None
-        end_min = max(a + 1, newest - self.detector.max_delay)
-        centre_min = a + (end_min - a) // 2
-        margin = 4 * gap + (end_min - a) // 16 + 4
-        return set(self.clip_keys) if index < centre_min - margin else None
+        known = self.detector.end_of(a)
+        exact = known is not None and known > newest
+        end = known if exact else max(a + 1, newest - self.detector.max_delay)  # at least
+        centre = a + (end - a) // 2
+        margin = 4 * gap + (end - a) // 16 + 4
+        far = index < centre - margin or (exact and index > centre + margin)
+        return self.clip_keys if far else None
 
     def close_shot(self, end: int, end_time: float) -> None:
         """The open shot ends before frame ``end``: emit its clips (split when too long)."""

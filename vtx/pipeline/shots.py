@@ -241,6 +241,10 @@ class ShotDetector:
         caller may as well convert it and pass it to :meth:`push`)."""
         return not self.input.takes_sampled(av_frame)
 
+    def end_of(self, start: int) -> None:
+        """The end of the shot starting at ``start``: not known before its cut is found."""
+        return None
+
     def push(self, index: int, pts: int | None, time_base: Fraction, av_frame,
              rgb: np.ndarray | None = None) -> list[int]:
         """Process decoded frame ``index`` (``rgb``: its unrotated full-size RGB, when the
@@ -389,19 +393,27 @@ class ShotBuffer:
                 raise RuntimeError(f"internal error: frame {self.index[pos]} was let go without "
                                    f"{sorted(set(keys) - arrays.keys())}, which a shot samples")
             return arrays
-        frame, arrays = self.items[pos]
-        if not arrays:
-            self.reduced += 1
+        arrays = self._reduce_held(pos, keys)
         if keys is None:
-            arrays.update(self.reduce(frame, None, None))
-            self.items[pos] = arrays
-            self.lazy -= self.nbytes[pos]
-            self.nbytes[pos] = 0
-            return arrays
-        missing = set(keys) - arrays.keys()
-        if missing:
+            self._release_decoded(pos)
+        return arrays
+
+    def _reduce_held(self, pos: int, keys) -> dict[str, np.ndarray]:
+        """Reduce the frame held as decoded at ``pos`` for those of ``keys`` (None: every key)
+        it has no arrays for yet; its arrays."""
+        frame, arrays = self.items[pos]
+        missing = None if keys is None else set(keys) - arrays.keys()
+        if missing is None or missing:
+            if not arrays:
+                self.reduced += 1
             arrays.update(self.reduce(frame, None, missing))
         return arrays
+
+    def _release_decoded(self, pos: int) -> None:
+        """Keep only the arrays of the frame at ``pos``: its decoded frame goes."""
+        self.items[pos] = self.items[pos][1]
+        self.lazy -= self.nbytes[pos]
+        self.nbytes[pos] = 0
 
     def _let_go(self, newest: int, need: int) -> None:
         """Free ``need`` bytes of held frames, oldest first, by reducing each for the keys that
@@ -416,16 +428,9 @@ class ShotBuffer:
             keys = self.wanted(self.index[pos], newest, gap)
             if keys is None:
                 break
-            frame, arrays = self.items[pos]
-            missing = set(keys) - arrays.keys()
-            if missing:
-                if not arrays:
-                    self.reduced += 1
-                arrays.update(self.reduce(frame, None, missing))
-            self.items[pos] = arrays
+            self._reduce_held(pos, keys)
             need -= self.nbytes[pos]
-            self.lazy -= self.nbytes[pos]
-            self.nbytes[pos] = 0
+            self._release_decoded(pos)
             self.let_go += 1
 
     def _append(self, index: int, time: float, item, nbytes: int) -> None:
